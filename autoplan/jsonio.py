@@ -1,0 +1,141 @@
+"""Atomic file writes and JSON round-tripping of the pipeline's dataclasses.
+
+Every artifact (fingerprint.json, plans.json, plan.json, metrics.json, ...) is
+written to a temporary name in the same folder and renamed, so a crash never
+leaves a truncated file that a later run would trust.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+
+import numpy as np
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_npy(path, array: np.ndarray) -> None:
+    """np.save through a temporary file (np.save appends .npy to names without it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
+    os.close(fd)
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_jsonable(value):
+    """Plain JSON types from numpy scalars/arrays, paths, tuples and dataclasses.
+
+    NaN and infinities become None: JSON has no NaN, and None reads as "undefined".
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def dumps(value) -> str:
+    return json.dumps(to_jsonable(value), indent=2, sort_keys=False) + "\n"
+
+
+def write_json(path, value) -> None:
+    atomic_write_text(path, dumps(value))
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _from_jsonable(tp, value):
+    """Rebuild a value of type ``tp`` from its JSON form (nested dataclasses included)."""
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            return _from_jsonable(arg, value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value)
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        item_type = args[0] if args else typing.Any
+        items = [_from_jsonable(item_type, v) for v in value]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        args = typing.get_args(tp)
+        value_type = args[1] if len(args) == 2 else typing.Any
+        return {k: _from_jsonable(value_type, v) for k, v in value.items()}
+    if tp is float and isinstance(value, int):
+        return float(value)
+    return value
+
+
+def from_dict(cls, data: dict):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        if field.name in data:
+            kwargs[field.name] = _from_jsonable(hints[field.name], data[field.name])
+    return cls(**kwargs)
+
+
+class JsonDataclass:
+    """Mixin: ``save(path)`` writes readable JSON atomically, ``load(path)`` reads it back."""
+
+    def to_dict(self) -> dict:
+        return to_jsonable(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        return from_dict(cls, data)
+
+    def save(self, path) -> None:
+        write_json(path, self)
+
+    @classmethod
+    def load(cls, path):
+        return cls.from_dict(read_json(path))
