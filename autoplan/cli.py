@@ -1,0 +1,273 @@
+"""Command line: parse, call the stage, print. No logic here."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from autoplan.errors import InputError
+from autoplan.paths import resolve_folders
+from autoplan.runs import TrainOptions
+
+
+def _add_folders(parser, raw=True, preprocessed=True, results=True):
+    if raw:
+        parser.add_argument("--raw", help="raw datasets folder (env AUTOPLAN_RAW, default ./datasets_raw)")
+    if preprocessed:
+        parser.add_argument("--preprocessed", help="preprocessed cache (env AUTOPLAN_PREPROCESSED, default ./preprocessed)")
+    if results:
+        parser.add_argument("--results", help="results folder (env AUTOPLAN_RESULTS, default ./results)")
+    parser.add_argument("--n-jobs", type=int, default=None, help="parallel workers for per-case work")
+
+
+def _add_plan_options(parser):
+    parser.add_argument("--gpu-memory", type=float, default=None, help="GPU memory budget in GB to plan for")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="device to plan/train for")
+    parser.add_argument("--time-budget", type=float, default=None, help="minutes for training + validation")
+
+
+def _add_train_options(parser):
+    parser.add_argument("--config", default=None, help="configuration from plans.json (default: the plan's)")
+    parser.add_argument("--fold", default="0", help="fold 0-4, or 'all'")
+    parser.add_argument("--loss", choices=["ce", "bce", "dice", "dice_ce", "focal", "ce_focal"])
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--base-features", type=int, default=None)
+    parser.add_argument("--norm", choices=["instance", "batch"], default=None)
+    parser.add_argument("--augment", choices=["default", "light", "none"], default=None)
+    parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--pretrained", default=None, help="local state dict in torchvision ResNet layout")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--iterations-per-epoch", type=int, default=None)
+    parser.add_argument("--run-name", default=None)
+    parser.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=None, help="data-loading processes")
+
+
+def _train_options(args) -> TrainOptions:
+    return TrainOptions(configuration=args.config, fold=args.fold, loss=args.loss, dropout=args.dropout,
+                        base_features=args.base_features, norm=args.norm, augment=args.augment,
+                        optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size,
+                        pretrained=args.pretrained, epochs=args.epochs,
+                        iterations_per_epoch=args.iterations_per_epoch,
+                        time_budget_minutes=args.time_budget, run_name=args.run_name, resume=args.resume,
+                        device=args.device or "auto", seed=args.seed, n_jobs=args.n_jobs,
+                        n_workers=args.workers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autoplan", description=(
+        "Automated planning, training, prediction and reporting for medical image "
+        "segmentation and classification."))
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("import", help="bring a dataset from its publisher's layout into RAW/NAME")
+    p.add_argument("name")
+    p.add_argument("--images", required=True, type=Path)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--masks", type=Path, help="folder of masks (segmentation)")
+    source.add_argument("--labels", type=Path, help="CSV of per-image labels (classification)")
+    p.add_argument("--label-map", default=None, help="grey value=name,... e.g. 150=right_lung,200=left_lung")
+    p.add_argument("--id-column", default=None)
+    p.add_argument("--label-column", default=None)
+    p.add_argument("--group-column", default=None, help="patient/lesion column: kept on one side of every split")
+    p.add_argument("--classes", default=None, help="comma-separated class names (unknown classes are refused)")
+    p.add_argument("--convert-grey", action="store_true", help="convert grey images to RGB in a mixed dataset")
+    p.add_argument("--overwrite", action="store_true")
+    _add_folders(p, preprocessed=False, results=False)
+
+    p = commands.add_parser("fingerprint", help="inspect a dataset -> RESULTS/NAME/fingerprint.json")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="recompute even when cached")
+    _add_folders(p, preprocessed=False)
+
+    p = commands.add_parser("plan", help="plan configurations -> RESULTS/NAME/plans.json")
+    p.add_argument("name")
+    p.add_argument("--base-features", type=int, default=None)
+    _add_plan_options(p)
+    _add_folders(p, preprocessed=False)
+
+    p = commands.add_parser("train", help="train a configuration -> RESULTS/NAME/CFG/RUN/fold_K")
+    p.add_argument("name")
+    _add_train_options(p)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--time-budget", type=float, default=None, help="minutes for training + final validation")
+    _add_folders(p)
+
+    p = commands.add_parser("plan-and-train", help="fingerprint, plan, preprocess, train, validate, report")
+    p.add_argument("name")
+    _add_train_options(p)
+    _add_plan_options(p)
+    _add_folders(p)
+
+    p = commands.add_parser("predict", help="predict a folder of new images")
+    p.add_argument("--model", required=True, type=Path, help="fold_K folder, or its parent (ensemble)")
+    p.add_argument("--input", required=True, type=Path)
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--no-tta", action="store_true", help="switch off test-time augmentation")
+    p.add_argument("--save-probabilities", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--n-jobs", type=int, default=None)
+
+    p = commands.add_parser("evaluate", help="predict a labelled dataset and write metrics.json + report.html")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--output", type=Path, default=None)
+    p.add_argument("--no-tta", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    _add_folders(p, preprocessed=False, results=False)
+
+    p = commands.add_parser("compare", help="side-by-side Markdown table of runs")
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--output", type=Path, default=None)
+
+    p = commands.add_parser("sweep", help="train every combination of options, then compare")
+    p.add_argument("name")
+    for option, kind in (("loss", str), ("dropout", str), ("base-features", str), ("norm", str),
+                         ("augment", str), ("optimizer", str), ("lr", str), ("batch-size", str)):
+        p.add_argument(f"--{option}", default=None, help="comma-separated values")
+    for option in ("config", "fold", "pretrained", "seed", "epochs", "iterations-per-epoch", "time-budget",
+                   "workers"):
+        p.add_argument(f"--{option}", default=None)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--output", type=Path, default=None)
+    _add_folders(p)
+
+    p = commands.add_parser("demo", help="synthetic datasets through the whole pipeline, in minutes on a CPU")
+    p.add_argument("--workdir", type=Path, default=Path("demo_workdir"))
+    p.add_argument("--time-budget", type=float, default=1.0, help="minutes of training per demo dataset")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _folders(args):
+    return resolve_folders(getattr(args, "raw", None), getattr(args, "preprocessed", None),
+                           getattr(args, "results", None))
+
+
+def cmd_import(args):
+    from autoplan.datasets import import_dataset, parse_label_map
+
+    dataset = import_dataset(
+        args.name, args.images, _folders(args).raw, masks_dir=args.masks, labels_csv=args.labels,
+        label_map=parse_label_map(args.label_map) if args.label_map else None,
+        id_column=args.id_column, label_column=args.label_column, group_column=args.group_column,
+        classes=args.classes.split(",") if args.classes else None, n_jobs=args.n_jobs,
+        convert_grey=args.convert_grey, overwrite=args.overwrite)
+    kinds = f"classes {', '.join(dataset.classes)}" if dataset.classes else \
+        f"labels {', '.join(f'{v}={k}' for k, v in dataset.labels.items())}"
+    print(f"imported {dataset.name}: {len(dataset.cases)} cases, {kinds} -> {dataset.root}")
+
+
+def cmd_fingerprint(args):
+    from autoplan.fingerprint import format_fingerprint_summary
+    from autoplan.pipeline import fingerprint, open_dataset
+
+    folders = _folders(args)
+    result = fingerprint(open_dataset(args.name, folders), folders, force=args.force, n_jobs=args.n_jobs)
+    print(format_fingerprint_summary(result))
+
+
+def cmd_plan(args):
+    from autoplan.pipeline import open_dataset, plan, plans_path
+    from autoplan.planning import format_plan_table
+
+    folders = _folders(args)
+    dataset = open_dataset(args.name, folders)
+    result = plan(dataset, folders, device=args.device or "cpu", gpu_memory_gb=args.gpu_memory,
+                  time_budget_minutes=args.time_budget, base_features=args.base_features, n_jobs=args.n_jobs)
+    print(format_plan_table(result))
+    print(f"wrote {plans_path(dataset, folders)}")
+
+
+def _print_runs(runs):
+    for run in runs:
+        headline = ", ".join(f"{k} {v:.4f}" for k, v in run.headline.items() if isinstance(v, float))
+        print(f"{run.run_dir}: {run.epochs_completed} epochs ({run.stopped_by}), {headline}")
+
+
+def cmd_train(args):
+    from autoplan.pipeline import open_dataset, train
+
+    folders = _folders(args)
+    _print_runs(train(open_dataset(args.name, folders), folders, _train_options(args)))
+
+
+def cmd_plan_and_train(args):
+    from autoplan.pipeline import open_dataset, plan_and_train
+
+    folders = _folders(args)
+    runs = plan_and_train(open_dataset(args.name, folders), folders, _train_options(args),
+                          device=args.device or "cpu", gpu_memory_gb=args.gpu_memory)
+    _print_runs(runs)
+
+
+def cmd_predict(args):
+    from autoplan.inference import predict_folder
+
+    summary = predict_folder(args.model, args.input, args.output, tta=not args.no_tta, device=args.device,
+                             save_probabilities=args.save_probabilities, n_jobs=args.n_jobs)
+    print(f"predicted {summary.get('n_cases', '?')} cases -> {args.output}")
+
+
+def cmd_evaluate(args):
+    from autoplan.inference import evaluate_dataset
+    from autoplan.pipeline import open_dataset
+
+    dataset = open_dataset(args.dataset, _folders(args))
+    metrics = evaluate_dataset(args.model, dataset, args.output, tta=not args.no_tta, device=args.device)
+    from autoplan.training import headline_metrics
+
+    print(", ".join(f"{k} {v:.4f}" for k, v in headline_metrics(metrics).items() if isinstance(v, float)))
+
+
+def cmd_compare(args):
+    from autoplan.jsonio import atomic_write_text
+    from autoplan.report import compare_runs
+
+    table = compare_runs(args.runs)
+    if args.output:
+        atomic_write_text(args.output, table)
+    print(table)
+
+
+def cmd_sweep(args):
+    from autoplan.pipeline import open_dataset, sweep, sweep_grid
+
+    folders = _folders(args)
+    grid = sweep_grid({"loss": args.loss, "dropout": args.dropout, "base_features": args.base_features,
+                       "norm": args.norm, "augment": args.augment, "optimizer": args.optimizer,
+                       "lr": args.lr, "batch_size": args.batch_size})
+    options = TrainOptions(
+        configuration=args.config, fold=args.fold or "0", pretrained=args.pretrained,
+        seed=int(args.seed or 0), epochs=int(args.epochs) if args.epochs else None,
+        iterations_per_epoch=int(args.iterations_per_epoch) if args.iterations_per_epoch else None,
+        time_budget_minutes=float(args.time_budget) if args.time_budget else None,
+        device=args.device or "auto", n_jobs=args.n_jobs,
+        n_workers=int(args.workers) if args.workers else None)
+    table, output = sweep(open_dataset(args.name, folders), folders, options, grid, args.output)
+    print(table)
+    print(f"wrote {output / 'compare.md'} and {output / 'curves.png'}")
+
+
+def cmd_demo(args):
+    from autoplan.demo import run_demo
+
+    run_demo(args.workdir, time_budget_minutes=args.time_budget)
+
+
+COMMANDS = {"import": cmd_import, "fingerprint": cmd_fingerprint, "plan": cmd_plan, "train": cmd_train,
+            "plan-and-train": cmd_plan_and_train, "predict": cmd_predict, "evaluate": cmd_evaluate,
+            "compare": cmd_compare, "sweep": cmd_sweep, "demo": cmd_demo}

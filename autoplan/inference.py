@@ -1,0 +1,557 @@
+"""Prediction on new images and evaluation on labelled datasets, with trained run folders.
+
+Entry functions:
+- ``predict_folder(model_dir, input_dir, output_dir, ...)``: masks (segmentation) or
+  ``predictions.csv`` (classification) for every image in a folder.
+- ``evaluate_dataset(model_dir, dataset, output_dir, ...)``: the same prediction on an
+  imported, labelled dataset, then ``metrics.json`` and ``report.html``.
+
+Building blocks the trainer shares (so validation and prediction are the same code):
+``sliding_window_predict`` (nnU-Net's Gaussian-weighted tiling with mirroring TTA),
+``predict_case_probabilities`` (preprocess, predict, back to the original grid),
+``decide_postprocessing`` / ``apply_postprocessing`` (keep the largest component where
+that helps on validation), ``classify_batch`` (flip TTA) and ``gradcam_samples``.
+"""
+
+import contextlib
+import io
+import itertools
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from autoplan.errors import InputError
+from autoplan.jsonio import atomic_write_bytes, atomic_write_text, write_json
+from autoplan.runs import RunSpec, fold_dirs, load_trained
+
+# Natural-image inputs whose own format cannot hold a label map exactly get PNG masks.
+_LOSSY_ENDINGS = {".jpg": ".png", ".jpeg": ".png"}
+# nnU-Net's channel files: CASE_0000.ext, CASE_0001.ext, ...
+_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+CLASSIFICATION_BATCH = 16
+
+
+# ============================================================================ sliding window
+
+
+@lru_cache(maxsize=8)
+def _gaussian_numpy(patch_size: tuple, sigma_scale: float) -> np.ndarray:
+    axes = []
+    for n in patch_size:
+        centre, sigma = (n - 1) / 2.0, max(n * sigma_scale, 1e-6)
+        coords = np.arange(n, dtype=np.float64)
+        axes.append(np.exp(-0.5 * ((coords - centre) / sigma) ** 2))
+    weights = axes[0]
+    for axis in axes[1:]:
+        weights = np.multiply.outer(weights, axis)
+    weights = weights / weights.max()
+    # Zero weights would divide by zero where only a tile border covers a voxel.
+    weights = np.maximum(weights, weights[weights > 0].min())
+    return weights.astype(np.float32)
+
+
+def gaussian_importance_map(patch_size, sigma_scale: float = 1.0 / 8) -> torch.Tensor:
+    """Tile weights: a Gaussian (sigma = patch/8 per axis) peaking at 1 in the tile centre.
+
+    As nnU-Net's ``compute_gaussian``, but evaluated analytically around the true centre
+    ``(n - 1) / 2`` so the map is exactly symmetric for even sizes too. Predictions near
+    tile borders (less context) count less where tiles overlap.
+    """
+    return torch.from_numpy(_gaussian_numpy(tuple(int(p) for p in patch_size), float(sigma_scale)))
+
+
+def sliding_window_starts(image_size, patch_size, step: float = 0.5) -> list:
+    """Tile start positions per axis: as few tiles as give an overlap of at least 1 - step.
+
+    nnU-Net's ``compute_steps_for_sliding_window``: the steps are spread evenly so the
+    first tile starts at 0 and the last one ends at the image border.
+    """
+    starts = []
+    for size, tile in zip(image_size, patch_size):
+        if size < tile:
+            raise ValueError(f"image size {size} is smaller than the tile {tile}; pad first")
+        target_step = max(tile * step, 1)
+        n_steps = int(np.ceil((size - tile) / target_step)) + 1
+        actual = (size - tile) / (n_steps - 1) if n_steps > 1 else 0
+        starts.append([int(round(actual * i)) for i in range(n_steps)])
+    return starts
+
+
+def _pad_to_window(data: torch.Tensor, window) -> tuple:
+    """Zero-pad spatial axes (centred) to at least the window; the slices that undo it."""
+    pad_widths, crop = [], [slice(None)]
+    for size, tile in zip(data.shape[1:], window):
+        missing = max(tile - size, 0)
+        before = missing // 2
+        pad_widths.append((before, missing - before))
+        crop.append(slice(before, before + size))
+    if not any(sum(p) for p in pad_widths):
+        return data, tuple(crop)
+    flat = [w for pair in reversed(pad_widths) for w in pair]  # F.pad wants the last axis first
+    return torch.nn.functional.pad(data, flat, mode="constant", value=0.0), tuple(crop)
+
+
+def _mirror_combinations(mirror_axes) -> list:
+    """Every subset of the mirror axes, the empty one (no flip) first."""
+    if not mirror_axes:
+        return [()]
+    axes = tuple(int(a) for a in mirror_axes)
+    return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
+
+
+def _forward_logits(network, batch: torch.Tensor, flips: list) -> torch.Tensor:
+    """Mean logits over the mirrored versions of ``batch`` (each flipped back)."""
+    total = None
+    for combo in flips:
+        dims = [a + 2 for a in combo]
+        x = torch.flip(batch, dims) if dims else batch
+        out = network(x)
+        if isinstance(out, (list, tuple)):  # deep supervision left on: full resolution first
+            out = out[0]
+        out = torch.flip(out, dims) if dims else out
+        total = out.float() if total is None else total + out.float()
+    return total / len(flips)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def sliding_window_predict(network, data, patch_size, n_classes: int, step: float = 0.5,
+                           mirror_axes=None, device="cpu", batch_size: int = 1) -> torch.Tensor:
+    """Softmax probabilities ``(K, *spatial)`` for preprocessed ``data`` ``(C, *spatial)``.
+
+    The image is zero-padded to at least the patch, tiled with ``step`` of the patch,
+    each tile's logits weighted by a Gaussian and accumulated; with ``mirror_axes``
+    (axes of the patch, e.g. ``(0, 1, 2)``) every combination of flips is averaged.
+    A patch with fewer axes than ``data`` (a 2D network on a volume) is run slice by
+    slice along the leading axes. Accumulation stays on ``device`` unless it does not
+    fit there (then on the CPU).
+    """
+    device = torch.device(device)
+    data = torch.as_tensor(data, dtype=torch.float32)
+    patch = [int(p) for p in patch_size]
+    n_slice_axes = data.ndim - 1 - len(patch)
+    if n_slice_axes < 0:
+        raise ValueError(f"data of shape {tuple(data.shape)} has fewer spatial axes than the patch {patch}")
+    window = [1] * n_slice_axes + patch
+    padded, crop = _pad_to_window(data, window)
+    spatial = tuple(padded.shape[1:])
+    starts = sliding_window_starts(spatial, window, step)
+    tiles = list(itertools.product(*starts))
+    flips = _mirror_combinations(mirror_axes)
+    gaussian = gaussian_importance_map(patch).to(device)
+    gaussian_window = gaussian.reshape(window)
+
+    accumulate_on = device
+    try:
+        logits_sum = torch.zeros((n_classes, *spatial), dtype=torch.float32, device=device)
+        weight_sum = torch.zeros(spatial, dtype=torch.float32, device=device)
+    except torch.OutOfMemoryError:
+        accumulate_on = torch.device("cpu")
+        logits_sum = torch.zeros((n_classes, *spatial), dtype=torch.float32)
+        weight_sum = torch.zeros(spatial, dtype=torch.float32)
+    gaussian_acc = gaussian_window.to(accumulate_on)
+
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.inference_mode(), _autocast(device):
+            for first in range(0, len(tiles), max(1, int(batch_size))):
+                chunk = tiles[first:first + max(1, int(batch_size))]
+                slicers = [tuple(slice(s, s + w) for s, w in zip(start, window)) for start in chunk]
+                batch = torch.stack([padded[(slice(None),) + sl] for sl in slicers])
+                batch = batch.reshape(len(chunk), data.shape[0], *patch).to(device, non_blocking=True)
+                logits = _forward_logits(network, batch, flips)
+                if logits.shape[1] != n_classes:
+                    raise ValueError(f"network gives {logits.shape[1]} outputs, expected {n_classes}")
+                logits = (logits * gaussian).to(accumulate_on)
+                for tile_logits, sl in zip(logits, slicers):
+                    logits_sum[(slice(None),) + sl] += tile_logits.reshape(n_classes, *window)
+                    weight_sum[sl] += gaussian_acc
+    finally:
+        network.train(was_training)
+    logits_sum /= weight_sum
+    probabilities = torch.softmax(logits_sum[crop], dim=0)
+    return probabilities.float().cpu()
+
+
+# ============================================================================ one case
+
+
+def _preprocessing():
+    import autoplan.preprocessing as preprocessing
+
+    return preprocessing
+
+
+def default_mirror_axes(spec: RunSpec, tta: bool):
+    """All axes of the patch (as nnU-Net for isotropic data), or none without TTA."""
+    return tuple(range(len(spec.configuration.patch_size))) if tta else None
+
+
+def predict_case_probabilities(networks: list, spec: RunSpec, image, tta: bool = True, device="cpu",
+                               case_id: str = "case"):
+    """(probabilities ``(K, *original spatial shape)``, CaseProperties) for one segmentation case.
+
+    Exactly the training preprocessing, the sliding window with every network (the folds
+    of an ensemble), probabilities averaged, then resampled back into the original grid.
+    """
+    preprocessing = _preprocessing()
+    configuration = spec.configuration
+    data, _, properties = preprocessing.preprocess_case(image, None, configuration, case_id)
+    mirror_axes = default_mirror_axes(spec, tta)
+    total = None
+    for network in networks:
+        probabilities = sliding_window_predict(network, torch.from_numpy(np.asarray(data, dtype=np.float32)),
+                                               configuration.patch_size, configuration.n_outputs,
+                                               mirror_axes=mirror_axes, device=device)
+        total = probabilities if total is None else total + probabilities
+    mean = (total / len(networks)).numpy()
+    return np.asarray(preprocessing.revert_to_original(mean, properties, configuration), dtype=np.float32), properties
+
+
+def probabilities_to_labels(probabilities: np.ndarray, spec: RunSpec) -> np.ndarray:
+    """Label map with the dataset's label ids (output channel k is the k-th smallest id)."""
+    label_values = np.asarray(sorted(int(v) for v in spec.labels.values()) or range(len(probabilities)))
+    index = np.asarray(probabilities).argmax(axis=0)
+    labels = label_values[index] if len(label_values) == len(probabilities) else index
+    return labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)
+
+
+# ============================================================================ post-processing
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component (full connectivity, as nnU-Net) of a boolean mask."""
+    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
+    components, n = ndimage.label(mask, structure=structure)
+    if n <= 1:
+        return mask.copy()
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return components == sizes.argmax()
+
+
+def apply_postprocessing(label_map: np.ndarray, postprocessing: dict | None) -> np.ndarray:
+    """Keep only the largest component of every label flagged ``{label id str: true}``.
+
+    Removed voxels become background. Labels not flagged are left as they are.
+    """
+    flagged = [int(label) for label, keep in (postprocessing or {}).items() if keep]
+    if not flagged:
+        return label_map
+    result = np.array(label_map, copy=True)
+    for label in flagged:
+        mask = result == label
+        if mask.any():
+            result[mask & ~largest_component(mask)] = 0
+    return result
+
+
+def _dice(prediction: np.ndarray, reference: np.ndarray) -> float:
+    total = int(prediction.sum()) + int(reference.sum())
+    if total == 0:
+        return float("nan")  # both empty: undefined, left out of the mean (nnU-Net)
+    return 2.0 * int(np.logical_and(prediction, reference).sum()) / total
+
+
+def decide_postprocessing(predictions, references, label_ids, spacing_per_case=None) -> dict:
+    """``{label id str: bool}``: keep-largest-component where it raises the label's mean Dice.
+
+    As nnU-Net: judged per label on the validation cases, applied only on a strict
+    improvement. Removing components of one label only turns voxels into background, so
+    labels are judged independently. Dice needs no spacing; ``spacing_per_case`` is
+    accepted so callers can pass what they have.
+    """
+    decision = {}
+    for label in label_ids:
+        before, after = [], []
+        for prediction, reference in zip(predictions, references):
+            predicted, wanted = np.asarray(prediction) == label, np.asarray(reference) == label
+            before.append(_dice(predicted, wanted))
+            after.append(_dice(largest_component(predicted) if predicted.any() else predicted, wanted))
+        keep = bool(np.isfinite(before).any() and np.nanmean(after) > np.nanmean(before))
+        decision[str(int(label))] = keep
+    return decision
+
+
+# ============================================================================ models and inputs
+
+
+@dataclass
+class Ensemble:
+    """The folds of a run loaded for prediction: one spec, one network per fold."""
+
+    spec: RunSpec
+    networks: list
+    fold_dirs: list
+
+
+def load_ensemble(model_dir, device="cpu") -> Ensemble:
+    """Every fold of ``model_dir`` (a fold_K folder or its parent), checked to agree."""
+    folds = fold_dirs(model_dir)
+    specs, networks = [], []
+    for fold in folds:
+        spec, network = load_trained(fold, device=device)
+        specs.append(spec)
+        networks.append(network)
+    first = specs[0]
+    for fold, spec in zip(folds[1:], specs[1:]):
+        same = (spec.task_type == first.task_type and spec.configuration.name == first.configuration.name
+                and spec.configuration.patch_size == first.configuration.patch_size
+                and spec.labels == first.labels and spec.classes == first.classes)
+        if not same:
+            raise InputError(fold, f"cannot be ensembled with {folds[0]}: different task, "
+                                   "configuration, patch size, labels or classes")
+    return Ensemble(spec=first, networks=networks, fold_dirs=folds)
+
+
+@dataclass
+class InputCase:
+    name: str                       # case id: the file stem (channel suffix removed)
+    files: list = field(default_factory=list)   # one per channel file, or one DICOM folder
+
+
+def group_input_cases(paths) -> list:
+    """Cases from image files and DICOM folders; ``CASE_0000``, ``CASE_0001``... form one case.
+
+    Files with a 4-digit suffix are grouped only when the suffixes of one stem run
+    0000, 0001, ... without a gap: a lone ``scan_2019.png`` stays the case ``scan_2019``.
+    """
+    from autoplan.io import strip_ending
+
+    candidates, cases = {}, []
+    for path in paths:
+        match = _CHANNEL_SUFFIX.match(strip_ending(path.name)) if path.is_file() else None
+        if match:
+            candidates.setdefault(match["case"], {})[int(match["channel"])] = path
+        else:
+            cases.append(InputCase(strip_ending(path.name), [path]))
+    for case, channels in candidates.items():
+        if sorted(channels) == list(range(len(channels))):
+            cases.append(InputCase(case, [channels[c] for c in sorted(channels)]))
+        else:
+            cases += [InputCase(strip_ending(p.name), [p]) for p in channels.values()]
+    return sorted(cases, key=lambda c: c.name)
+
+
+def read_case(files, n_channels: int | None = None):
+    """One ImageData from a case's channel files (channels stacked; geometry of the first)."""
+    from autoplan.io import read_image
+
+    parts = [read_image(path) for path in files]
+    image = parts[0]
+    for part in parts[1:]:
+        if part.spatial_shape != image.spatial_shape:
+            raise InputError(part.path, f"size {part.spatial_shape} differs from {files[0].name}'s "
+                                        f"{image.spatial_shape} (channel files of one case)")
+    if len(parts) > 1:
+        image.array = np.concatenate([p.array for p in parts], axis=0)
+    if n_channels is not None and image.n_channels != n_channels:
+        raise InputError(files[0], f"has {image.n_channels} channel(s); the model was trained on "
+                                   f"{n_channels} (give one file per channel as CASE_0000, CASE_0001...)")
+    return image
+
+
+def mask_path(case: InputCase, output_dir: Path) -> Path:
+    """Where a case's mask goes: the input's stem and format (JPEG → PNG, DICOM → NIfTI)."""
+    from autoplan.io import file_ending
+
+    source = case.files[0]
+    ending = file_ending(source)
+    if source.is_dir():
+        ending = ".nii.gz"
+    return Path(output_dir) / f"{case.name}{_LOSSY_ENDINGS.get(ending, ending)}"
+
+
+def check_output_folder(input_dir: Path, output_dir: Path) -> None:
+    """Refuse an output folder that is the input folder or inside it (outputs would mix with inputs)."""
+    source, target = Path(input_dir).resolve(), Path(output_dir).resolve()
+    if target == source or source in target.parents:
+        raise InputError(output_dir, f"is inside the input folder {input_dir}; choose an output "
+                                     "folder outside it")
+
+
+@contextlib.contextmanager
+def _torch_threads(n_jobs):
+    """Use ``n_jobs`` (default: all cores) threads for torch while predicting, then restore."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n_jobs or os.cpu_count() or 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _progress(items, desc):
+    disable = not sys.stderr.isatty() and os.environ.get("AUTOPLAN_PROGRESS") != "1"
+    return tqdm(items, desc=desc, disable=disable)
+
+
+def _failure_text(case: InputCase, error: Exception) -> str:
+    if isinstance(error, InputError):
+        return str(error)
+    return f"{case.files[0]}: {type(error).__name__}: {error}"
+
+
+# ============================================================================ classification
+
+
+def _flip_variants(batch: torch.Tensor, tta: bool) -> list:
+    if not tta:
+        return [batch]
+    return [batch, torch.flip(batch, [3]), torch.flip(batch, [2]), torch.flip(batch, [2, 3])]
+
+
+def classify_batch(network, batch, tta: bool = True, device="cpu") -> np.ndarray:
+    """Softmax probabilities ``(B, K)`` of a normalised batch ``(B, C, H, W)``.
+
+    With ``tta`` the identity, horizontal, vertical and both flips are averaged.
+    """
+    device = torch.device(device)
+    batch = torch.as_tensor(batch, dtype=torch.float32).to(device)
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.inference_mode(), _autocast(device):
+            variants = _flip_variants(batch, tta)
+            logits = network(torch.cat(variants)).float()
+            probabilities = torch.softmax(logits, dim=1).reshape(len(variants), len(batch), -1).mean(0)
+    finally:
+        network.train(was_training)
+    return probabilities.cpu().numpy()
+
+
+def classify_images(ensemble: Ensemble, images: list, tta: bool, device) -> np.ndarray:
+    """Probabilities ``(N, K)`` of ImageData objects, averaged over the ensemble's folds."""
+    preprocessing = _preprocessing()
+    configuration = ensemble.spec.configuration
+    pixels = np.stack([preprocessing.load_classification_image(image, configuration) for image in images])
+    batch = torch.from_numpy(np.asarray(preprocessing.normalize_classification_batch(pixels, configuration)))
+    return np.mean([classify_batch(network, batch, tta, device) for network in ensemble.networks], axis=0)
+
+
+def _predictions_csv(rows: list, classes: list) -> str:
+    import csv
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["case", "prediction", *classes])
+    for case, probabilities in rows:
+        writer.writerow([case, classes[int(np.argmax(probabilities))],
+                         *(f"{p:.6f}" for p in probabilities)])
+    return buffer.getvalue()
+
+
+def _classify_cases(ensemble: Ensemble, cases: list, tta: bool, device, failures: list, desc: str):
+    """Yield (case, probabilities) in order, reading CLASSIFICATION_BATCH images at a time."""
+    n_channels = ensemble.spec.configuration.n_input_channels
+    bar = _progress(cases, desc)
+    for first in range(0, len(cases), CLASSIFICATION_BATCH):
+        chunk, images = [], []
+        for case in cases[first:first + CLASSIFICATION_BATCH]:
+            try:
+                images.append(read_case(case.files, None if n_channels in (1, 3) else n_channels))
+                chunk.append(case)
+            except Exception as error:  # noqa: BLE001 - one bad file must not stop the others
+                failures.append(_failure_text(case, error))
+                tqdm.write(f"failed: {failures[-1]}", file=sys.stderr)
+        if images:
+            yield from zip(chunk, classify_images(ensemble, images, tta, device))
+        bar.update(len(cases[first:first + CLASSIFICATION_BATCH]))
+    bar.close()
+
+
+# ============================================================================ predict_folder
+
+
+def _save_probabilities(path: Path, probabilities: np.ndarray, spec: RunSpec) -> None:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, probabilities=probabilities.astype(np.float32),
+                        label_ids=np.asarray(sorted(int(v) for v in spec.labels.values())))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _predict_segmentation_cases(ensemble: Ensemble, cases: list, output_dir: Path, tta, device,
+                                save_probabilities, failures: list) -> list:
+    from autoplan.io import write_image
+
+    spec = ensemble.spec
+    written = []
+    targets = {}
+    for case in cases:
+        targets.setdefault(mask_path(case, output_dir), []).append(case)
+    for case in _progress(cases, "predict"):
+        target = mask_path(case, output_dir)
+        try:
+            if len(targets[target]) > 1:
+                others = ", ".join(str(c.files[0].name) for c in targets[target])
+                raise InputError(case.files[0], f"several inputs ({others}) would write {target.name}")
+            image = read_case(case.files, spec.configuration.n_input_channels)
+            probabilities, _ = predict_case_probabilities(ensemble.networks, spec, image, tta, device, case.name)
+            label_map = apply_postprocessing(probabilities_to_labels(probabilities, spec), spec.postprocessing)
+            written.append(write_image(label_map, target, reference=image))
+            if save_probabilities:
+                _save_probabilities(output_dir / f"{case.name}_probabilities.npz", probabilities, spec)
+        except Exception as error:  # noqa: BLE001 - one bad file must not stop the others
+            failures.append(_failure_text(case, error))
+            tqdm.write(f"failed: {failures[-1]}", file=sys.stderr)
+    return written
+
+
+def predict_folder(model_dir, input_dir, output_dir, tta: bool = True, device="cpu",
+                   save_probabilities: bool = False, n_jobs: int | None = None) -> dict:
+    """Predict every image file and DICOM series folder directly inside ``input_dir``.
+
+    Segmentation: one mask per case in ``output_dir`` (input stem, input format and
+    geometry). Classification: ``output_dir/predictions.csv``. Cases are streamed one at
+    a time; a case that fails is reported and skipped, and an ``InputError`` listing the
+    failures is raised at the end (after every other output is written).
+    """
+    from autoplan.io import list_image_files
+
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    check_output_folder(input_dir, output_dir)
+    cases = group_input_cases(list_image_files(input_dir))
+    if not cases:
+        raise InputError(input_dir, "holds no images (PNG/JPEG/TIFF/BMP, NIfTI/NRRD/MHA, or DICOM "
+                                    "series folders)")
+    started = time.perf_counter()
+    failures: list = []
+    with _torch_threads(n_jobs):
+        ensemble = load_ensemble(model_dir, device)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if ensemble.spec.task_type == "classification":
+            classes = list(ensemble.spec.classes)
+            rows = [(case.name, p) for case, p in
+                    _classify_cases(ensemble, cases, tta, device, failures, "classify")]
+            csv_path = output_dir / "predictions.csv"
+            atomic_write_text(csv_path, _predictions_csv(rows, classes))
+            written = [csv_path]
+            n_done = len(rows)
+        else:
+            written = _predict_segmentation_cases(ensemble, cases, output_dir, tta, device,
+                                                  save_probabilities, failures)
+            n_done = len(written)
+    seconds = time.perf_counter() - started
+    summary = {"task_type": ensemble.spec.task_type, "model": [str(f) for f in ensemble.fold_dirs],
+               "n_cases": len(cases), "n_predicted": n_done, "written": [str(p) for p in written],
+               "failed": failures, "tta": tta, "seconds": round(seconds, 3),
+               "cases_per_second": round(n_done / seconds, 4) if seconds > 0 else None}
+    if failures:
+        listing = "; ".join(failures)
+        raise InputError(input_dir, f"{len(failures)} of {len(cases)} case(s) failed (the others "
+                                    f"were written to {output_dir}): {listing}")
+    return summary

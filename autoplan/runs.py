@@ -1,0 +1,113 @@
+"""What a run folder holds, and how to rebuild its network: shared by training and inference.
+
+Run folder: ``RESULTS/NAME/CFG/RUN_NAME/fold_K/`` with ``plan.json`` (a :class:`RunSpec`),
+``checkpoint_best.pt``, ``checkpoint_final.pt``, ``checkpoint_latest.pt`` (resume),
+``log.csv``, ``curves.png``, ``metrics.json``, ``report.html``.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from autoplan.errors import InputError
+from autoplan.jsonio import JsonDataclass
+from autoplan.planning import Configuration
+
+
+@dataclass
+class TrainOptions:
+    """Everything the user can set on ``autoplan train``; None means "the plan's choice"."""
+
+    configuration: str | None = None
+    fold: str = "0"                      # "0".."4" or "all"
+    loss: str | None = None
+    dropout: float = 0.0
+    base_features: int | None = None
+    norm: str | None = None              # 'instance' | 'batch'
+    augment: str | None = None           # 'default' | 'light' | 'none'
+    optimizer: str | None = None         # 'sgd' | 'adam' | 'adamw'
+    lr: float | None = None
+    batch_size: int | None = None
+    pretrained: str | None = None
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    time_budget_minutes: float | None = None
+    run_name: str | None = None
+    resume: bool = False
+    device: str = "auto"                 # 'auto' | 'cpu' | 'cuda'
+    seed: int = 0
+    n_jobs: int | None = None
+    n_workers: int | None = None         # data-loading processes
+
+    # options that name a run; other fields (resume, device, n_jobs...) do not change results
+    NAMING = ("loss", "dropout", "base_features", "norm", "augment", "optimizer", "lr",
+              "batch_size", "pretrained", "epochs", "time_budget_minutes", "seed")
+
+
+@dataclass
+class RunSpec(JsonDataclass):
+    """plan.json of a run folder: the configuration actually trained and how."""
+
+    dataset: str
+    task_type: str
+    fold: int
+    configuration: Configuration
+    options: TrainOptions
+    labels: dict = field(default_factory=dict)          # {"background": 0, "anterior": 1, ...}
+    classes: list | None = None
+    channel_names: dict = field(default_factory=dict)
+    file_ending: str = ""
+    norm: str = "instance"
+    dropout: float = 0.0
+    postprocessing: dict = field(default_factory=dict)  # {label id str: true} = keep largest component
+
+    @property
+    def foreground_labels(self) -> dict:
+        return {str(v): k for k, v in sorted(self.labels.items(), key=lambda kv: kv[1]) if v != 0}
+
+
+def build_network(spec: RunSpec, deep_supervision: bool = False) -> torch.nn.Module:
+    """The network of a run, untrained, exactly as it was trained."""
+    if spec.task_type == "classification":
+        from autoplan.nets.resnet import build_resnet
+
+        net = spec.configuration.network
+        return build_resnet(
+            net["arch"],
+            in_channels=spec.configuration.n_input_channels,
+            n_classes=spec.configuration.n_outputs,
+            width=net.get("width", 64),
+            dropout=spec.dropout,
+        )
+    from autoplan.nets.unet import build_unet
+
+    return build_unet(spec.configuration, norm=spec.norm, dropout=spec.dropout,
+                      deep_supervision=deep_supervision)
+
+
+def fold_dirs(model_dir) -> list:
+    """A fold_K folder itself, or every fold_K folder inside its parent (an ensemble)."""
+    model_dir = Path(model_dir)
+    if (model_dir / "plan.json").is_file():
+        return [model_dir]
+    folds = sorted(p for p in model_dir.glob("fold_*") if (p / "plan.json").is_file())
+    if not folds:
+        raise InputError(model_dir, "not a run folder (no plan.json, no fold_K folders with one)")
+    return folds
+
+
+def best_checkpoint(fold_dir) -> Path:
+    for name in ("checkpoint_best.pt", "checkpoint_final.pt"):
+        if (Path(fold_dir) / name).is_file():
+            return Path(fold_dir) / name
+    raise InputError(fold_dir, "no checkpoint_best.pt or checkpoint_final.pt (training not finished)")
+
+
+def load_trained(fold_dir, device="cpu"):
+    """(RunSpec, network in eval mode with the best weights) of one fold folder."""
+    spec = RunSpec.load(Path(fold_dir) / "plan.json")
+    network = build_network(spec, deep_supervision=False)
+    state = torch.load(best_checkpoint(fold_dir), map_location=device, weights_only=False)
+    network.load_state_dict(state["model"])
+    return spec, network.to(device).eval()

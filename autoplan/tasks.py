@@ -1,0 +1,263 @@
+"""The two kinds of task, as small objects the one training loop talks to.
+
+A task knows its data (loaders), its network and loss, how to score validation
+batches, and how to run the final full validation that writes metrics.json and
+report.html. The loop in ``training.py`` knows nothing else about the task.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autoplan.jsonio import read_json, write_json
+from autoplan.runs import RunSpec, build_network
+
+
+def _default_workers() -> int:
+    import os
+
+    return 1 if (os.cpu_count() or 1) <= 2 else 2
+
+
+class SegmentationTask:
+    metric = "dice"             # the headline validation metric (pseudo-Dice on patches)
+
+    def __init__(self, spec: RunSpec, preprocessed_dir: Path, split: dict, raw_dataset, n_workers=None):
+        self.spec = spec
+        self.configuration = spec.configuration
+        self.preprocessed_dir = Path(preprocessed_dir)
+        self.split = split
+        self.dataset = raw_dataset
+        self.n_workers = _default_workers() if n_workers is None else n_workers
+        self.label_ids = [int(k) for k in spec.foreground_labels]
+
+    # -- model and loss ---------------------------------------------------------------
+    def build_network(self):
+        return build_network(self.spec, deep_supervision=True)
+
+    def build_loss(self):
+        from autoplan.losses import build_segmentation_loss
+        from autoplan.nets.unet import deep_supervision_scales
+
+        self.scales = deep_supervision_scales(self.configuration.network["strides"])
+        weights = np.array([1 / (2**i) for i in range(len(self.scales))])
+        weights[-1] = 0  # nnU-Net: the lowest-resolution output gets no weight
+        weights = (weights / weights.sum()).tolist()
+        name = self.spec.options.loss or self.configuration.loss
+        # in eval mode the network gives only the full-resolution output: score that alone
+        self._validation_loss = build_segmentation_loss(name, self.configuration.n_outputs,
+                                                        batch_dice=self.configuration.batch_dice)
+        return build_segmentation_loss(name, self.configuration.n_outputs,
+                                       batch_dice=self.configuration.batch_dice,
+                                       deep_supervision_weights=weights)
+
+    def validation_loss(self, output, targets):
+        return self._validation_loss(output, targets[0])
+
+    # -- data ---------------------------------------------------------------------------
+    def train_loader(self, seed):
+        from autoplan.loading import SegmentationLoader
+
+        return SegmentationLoader(self.preprocessed_dir, self.split["train"], self.configuration,
+                                  augment=self.configuration.augment,
+                                  batch_size=self.configuration.batch_size,
+                                  n_workers=self.n_workers, seed=seed)
+
+    def val_loader(self, seed):
+        from autoplan.loading import SegmentationLoader
+
+        return SegmentationLoader(self.preprocessed_dir, self.split["val"], self.configuration,
+                                  augment="none", batch_size=self.configuration.batch_size,
+                                  n_workers=0, seed=seed + 1)
+
+    def to_device(self, batch, device):
+        from autoplan.nets.unet import downsample_target
+
+        data = torch.as_tensor(np.asarray(batch["data"]), dtype=torch.float32).to(device, non_blocking=True)
+        target = torch.as_tensor(np.asarray(batch["target"]).astype(np.int64)).to(device, non_blocking=True)
+        return data, downsample_target(target, self.scales)
+
+    # -- validation scores ----------------------------------------------------------------
+    def new_tally(self):
+        n = len(self.label_ids)
+        return {"tp": np.zeros(n), "fp": np.zeros(n), "fn": np.zeros(n)}
+
+    def tally(self, tally, outputs, targets):
+        """nnU-Net's pseudo-Dice: TP/FP/FN summed over all validation patches."""
+        logits = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+        target = targets[0] if isinstance(targets, (list, tuple)) else targets
+        prediction = logits.argmax(1)
+        target = target[:, 0]
+        for i, label in enumerate(self.label_ids):
+            p, t = prediction == label, target == label
+            tally["tp"][i] += (p & t).sum().item()
+            tally["fp"][i] += (p & ~t).sum().item()
+            tally["fn"][i] += (~p & t).sum().item()
+
+    def scores(self, tally) -> dict:
+        denominator = 2 * tally["tp"] + tally["fp"] + tally["fn"]
+        dice = np.where(denominator > 0, 2 * tally["tp"] / np.maximum(denominator, 1), np.nan)
+        scores = {"val_dice": float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0}
+        for label, value in zip(self.label_ids, dice):
+            scores[f"val_dice_{label}"] = float(value)
+        return scores
+
+    # -- final validation -------------------------------------------------------------------
+    def final_validation(self, network, run_dir: Path, device, run_info: dict) -> dict:
+        """Full images of the validation fold, in original geometry, then metrics and report."""
+        from autoplan.evaluation import segmentation_case_metrics, summarize_segmentation
+        from autoplan.inference import apply_postprocessing, decide_postprocessing, predict_case_probabilities
+        from autoplan.io import read_image
+        from autoplan.report import write_segmentation_report
+
+        network.eval()
+        predictions, references, spacings, images = [], [], [], []
+        for case_id in self.split["val"]:
+            case = self.dataset.case(case_id)
+            image = _read_case_image(case)
+            probabilities, _ = predict_case_probabilities([network], self.spec, image, tta=True, device=device)
+            predictions.append(np.asarray(probabilities).argmax(0).astype(np.int16))
+            references.append(read_image(case.label).array[0].astype(np.int16))
+            spacings.append(list(image.spacing))
+            images.append(image.array)
+        self.spec.postprocessing = decide_postprocessing(predictions, references, self.label_ids, spacings)
+        self.spec.save(Path(run_dir) / "plan.json")
+        per_case = []
+        for case_id, prediction, reference, spacing in zip(self.split["val"], predictions, references, spacings):
+            prediction = apply_postprocessing(prediction, self.spec.postprocessing)
+            per_case.append({"case": case_id, "per_label": segmentation_case_metrics(
+                prediction, reference, self.label_ids, spacing)})
+        metrics = summarize_segmentation(per_case, self.spec.foreground_labels)
+        write_json(Path(run_dir) / "metrics.json", metrics)
+        samples = _sample_cases(per_case, images, references, predictions, spacings)
+        write_segmentation_report(Path(run_dir), metrics, run_info, samples,
+                                  log_csv=Path(run_dir) / "log.csv")
+        return metrics
+
+
+def _read_case_image(case):
+    """All channel files of a case as one ImageData (channels stacked)."""
+    from autoplan.io import read_image
+
+    parts = [read_image(path) for path in case.images]
+    if len(parts) == 1:
+        return parts[0]
+    parts[0].array = np.concatenate([p.array for p in parts], axis=0)
+    return parts[0]
+
+
+def _sample_cases(per_case, images, references, predictions, spacings, k=3):
+    """Best, median and worst case by mean foreground Dice: what a reader wants to see."""
+    def mean_dice(entry):
+        values = [m["dice"] for m in entry["per_label"].values() if m["dice"] is not None and np.isfinite(m["dice"])]
+        return float(np.mean(values)) if values else 0.0
+
+    order = np.argsort([mean_dice(entry) for entry in per_case])
+    picks = sorted({int(order[-1]), int(order[len(order) // 2]), int(order[0])}, key=lambda i: -mean_dice(per_case[i]))
+    return [{"case": per_case[i]["case"], "image": images[i], "reference": references[i],
+             "prediction": predictions[i], "spacing": spacings[i]} for i in picks[:k]]
+
+
+class ClassificationTask:
+    metric = "balanced_accuracy"
+
+    def __init__(self, spec: RunSpec, preprocessed_dir: Path, split: dict, raw_dataset, n_workers=None):
+        self.spec = spec
+        self.configuration = spec.configuration
+        self.preprocessed_dir = Path(preprocessed_dir)
+        self.split = split
+        self.dataset = raw_dataset
+        self.n_workers = _default_workers() if n_workers is None else n_workers
+        index = read_json(self.preprocessed_dir / "index.json")
+        self.cases = index["cases"]
+        self.labels = np.asarray(index["labels"], dtype=np.int64)
+        self.images = np.load(self.preprocessed_dir / "images.npy", mmap_mode="r")
+        position = {case: i for i, case in enumerate(self.cases)}
+        self.train_indices = np.array([position[c] for c in split["train"]])
+        self.val_indices = np.array([position[c] for c in split["val"]])
+        self.classes = spec.classes
+
+    def build_network(self):
+        network = build_network(self.spec)
+        if self.spec.options.pretrained:
+            from autoplan.nets.resnet import load_pretrained
+
+            load_pretrained(network, self.spec.options.pretrained, len(self.classes))
+        return network
+
+    def build_loss(self):
+        from autoplan.losses import build_classification_loss
+
+        imbalance = self.configuration.imbalance or {}
+        weights = imbalance.get("class_weights") if imbalance.get("strategy") == "weighted_loss" else None
+        self._loss = build_classification_loss(self.spec.options.loss or self.configuration.loss,
+                                               class_weights=weights)
+        return self._loss
+
+    def validation_loss(self, output, target):
+        return self._loss(output, target)
+
+    def train_loader(self, seed):
+        from autoplan.loading import ClassificationLoader
+
+        balanced = (self.configuration.imbalance or {}).get("strategy") == "balanced_sampling"
+        return ClassificationLoader(self.images, self.labels, self.train_indices, self.configuration,
+                                    augment=self.configuration.augment,
+                                    batch_size=self.configuration.batch_size,
+                                    balanced_sampling=balanced, n_workers=self.n_workers, seed=seed)
+
+    def val_loader(self, seed):
+        from autoplan.loading import ClassificationLoader
+
+        return ClassificationLoader(self.images, self.labels, self.val_indices, self.configuration,
+                                    augment="none", batch_size=self.configuration.batch_size,
+                                    n_workers=0, seed=seed + 1, infinite=False)
+
+    def to_device(self, batch, device):
+        data = torch.as_tensor(np.asarray(batch["data"]), dtype=torch.float32).to(device)
+        target = torch.as_tensor(np.asarray(batch["target"]), dtype=torch.int64).to(device)
+        return data, target
+
+    def new_tally(self):
+        return {"true": [], "predicted": []}
+
+    def tally(self, tally, outputs, targets):
+        tally["true"].extend(targets.cpu().tolist())
+        tally["predicted"].extend(outputs.argmax(1).cpu().tolist())
+
+    def scores(self, tally) -> dict:
+        from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+        if not tally["true"]:
+            return {"val_balanced_accuracy": 0.0, "val_accuracy": 0.0}
+        return {"val_balanced_accuracy": float(balanced_accuracy_score(tally["true"], tally["predicted"])),
+                "val_accuracy": float(accuracy_score(tally["true"], tally["predicted"]))}
+
+    def final_validation(self, network, run_dir: Path, device, run_info: dict) -> dict:
+        from autoplan.evaluation import classification_metrics
+        from autoplan.inference import classify_batch, gradcam_samples
+        from autoplan.preprocessing import normalize_classification_batch
+        from autoplan.report import write_classification_report
+
+        network.eval()
+        probabilities = []
+        for start in range(0, len(self.val_indices), 64):
+            indices = self.val_indices[start:start + 64]
+            batch = normalize_classification_batch(np.asarray(self.images[indices]), self.configuration)
+            probabilities.append(classify_batch(network, torch.as_tensor(batch), tta=True, device=device))
+        probabilities = np.concatenate(probabilities)
+        y_true = self.labels[self.val_indices]
+        cases = [self.cases[i] for i in self.val_indices]
+        metrics = classification_metrics(y_true, probabilities, self.classes, cases)
+        write_json(Path(run_dir) / "metrics.json", metrics)
+        gradcam = gradcam_samples(network, np.asarray(self.images[self.val_indices]), y_true,
+                                  probabilities, self.classes, self.configuration, cases, device=device)
+        write_classification_report(Path(run_dir), metrics, y_true, probabilities, self.classes,
+                                    run_info, gradcam, log_csv=Path(run_dir) / "log.csv")
+        return metrics
+
+
+def make_task(spec: RunSpec, preprocessed_dir, split, raw_dataset, n_workers=None):
+    task_class = ClassificationTask if spec.task_type == "classification" else SegmentationTask
+    return task_class(spec, preprocessed_dir, split, raw_dataset, n_workers)

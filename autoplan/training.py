@@ -1,0 +1,388 @@
+"""One training loop for segmentation and classification (the task object holds the differences).
+
+Schedules are *progress*-based: progress is the larger of the epoch fraction and the
+elapsed fraction of the time budget, so the learning rate reaches its floor when the
+budget runs out even if the machine is slower than the planner expected.
+"""
+
+import csv
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autoplan.datasets import Dataset
+from autoplan.jsonio import JsonDataclass, atomic_write_text
+from autoplan.paths import Folders
+from autoplan.planning import Configuration, Plan
+from autoplan.runs import RunSpec, TrainOptions
+from autoplan.splits import load_or_create_splits
+from autoplan.tasks import make_task
+
+FEATURE_CAP = {2: 512, 3: 320}
+EMA_DECAY = 0.9          # nnU-Net smooths the pseudo-Dice before picking the best checkpoint
+GRAD_CLIP = 12.0
+
+
+@dataclass
+class Run(JsonDataclass):
+    """What one trained fold produced (run.json in the fold folder)."""
+
+    run_dir: str
+    dataset: str
+    configuration: str
+    fold: int
+    epochs_completed: int
+    iterations: int
+    best_epoch: int
+    best_ema_metric: float
+    train_seconds: float
+    total_seconds: float
+    stopped_by: str               # 'epochs' | 'time_budget'
+    headline: dict                # the metrics a reader looks at first
+
+
+# --------------------------------------------------------------------------------------
+# options → effective configuration and run name
+# --------------------------------------------------------------------------------------
+def effective_configuration(configuration: Configuration, options: TrainOptions) -> Configuration:
+    """The plan's configuration with the user's overrides applied."""
+    changes = {}
+    network = dict(configuration.network)
+    if options.base_features:
+        if configuration.name == "classifier":
+            network["width"] = int(options.base_features)
+        else:
+            cap = FEATURE_CAP[configuration.dim]
+            network["features_per_stage"] = [min(options.base_features * 2**i, cap)
+                                             for i in range(network["n_stages"])]
+    changes["network"] = network
+    for field_name in ("loss", "optimizer", "augment", "batch_size", "epochs", "iterations_per_epoch"):
+        value = getattr(options, field_name)
+        if value is not None:
+            changes[field_name] = value
+    if options.lr is not None:
+        changes["lr"] = options.lr
+    elif options.optimizer and options.optimizer != configuration.optimizer:
+        changes["lr"] = 1e-2 if options.optimizer == "sgd" else 1e-3
+    return replace(configuration, **changes)
+
+
+def run_name(options: TrainOptions, configuration: Configuration, norm: str) -> str:
+    """A readable name from the options that shape a result, e.g. ``dice_ce-instance-f32-do0-default``."""
+    if options.run_name:
+        return options.run_name
+    if configuration.name == "classifier":
+        parts = [configuration.loss, configuration.network["arch"], f"w{configuration.network.get('width', 64)}"]
+    else:
+        parts = [configuration.loss, norm, f"f{configuration.network['features_per_stage'][0]}"]
+    parts += [f"do{options.dropout:g}", configuration.augment]
+    if options.optimizer:
+        parts.append(configuration.optimizer)
+    if options.lr is not None:
+        parts.append(f"lr{options.lr:g}")
+    if options.batch_size:
+        parts.append(f"bs{options.batch_size}")
+    if options.epochs:
+        parts.append(f"ep{options.epochs}")
+    if options.pretrained:
+        parts.append("pretrained")
+    if options.seed:
+        parts.append(f"seed{options.seed}")
+    return "-".join(str(p) for p in parts)
+
+
+# --------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------
+def train(dataset: Dataset, plan: Plan, options: TrainOptions, folders: Folders) -> list:
+    """Train the requested fold(s); returns one :class:`Run` per fold."""
+    from autoplan.preprocessing import preprocess_dataset
+
+    configuration_name = options.configuration or plan.default_configuration
+    if configuration_name not in plan.configurations:
+        raise ValueError(f"configuration {configuration_name!r} not in plans.json "
+                         f"(has {', '.join(plan.configurations)})")
+    preprocessed_dir = preprocess_dataset(dataset, plan, configuration_name, folders.preprocessed,
+                                          n_jobs=options.n_jobs)
+    splits = load_or_create_splits(dataset, folders.results)
+    folds = range(len(splits)) if options.fold == "all" else [int(options.fold)]
+    return [train_fold(dataset, plan.configurations[configuration_name], options, folders,
+                       preprocessed_dir, splits[fold], fold) for fold in folds]
+
+
+def _pick_device(requested: str) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_fold(dataset, configuration, options, folders, preprocessed_dir, split, fold) -> Run:
+    started = time.monotonic()
+    device = _pick_device(options.device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    configuration = effective_configuration(configuration, options)
+    norm = options.norm or "instance"
+    name = run_name(options, configuration, norm)
+    run_dir = folders.results / dataset.name / configuration.name / name / f"fold_{fold}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = RunSpec(dataset=dataset.name, task_type=dataset.task_type, fold=fold,
+                   configuration=configuration, options=options, labels=dataset.labels,
+                   classes=dataset.classes, channel_names=dataset.channel_names,
+                   file_ending=dataset.file_ending, norm=norm, dropout=options.dropout)
+    spec.save(run_dir / "plan.json")
+    _seed_everything(options.seed + fold)
+    task = make_task(spec, preprocessed_dir, split, dataset, options.n_workers)
+    loop = TrainingLoop(task, spec, run_dir, device, options.time_budget_minutes, started)
+    loop.fit(resume=options.resume)
+    metrics = loop.finish()
+    run = Run(run_dir=str(run_dir), dataset=dataset.name, configuration=configuration.name, fold=fold,
+              epochs_completed=loop.epoch, iterations=loop.iterations, best_epoch=loop.best_epoch,
+              best_ema_metric=loop.best_ema, train_seconds=loop.train_seconds,
+              total_seconds=time.monotonic() - started, stopped_by=loop.stopped_by,
+              headline=headline_metrics(metrics))
+    run.save(run_dir / "run.json")
+    return run
+
+
+def headline_metrics(metrics: dict) -> dict:
+    if metrics.get("task_type") == "classification":
+        return {k: metrics.get(k) for k in ("accuracy", "balanced_accuracy")} | {
+            "macro_f1": metrics.get("macro_avg", {}).get("f1")}
+    out = {f"dice_{metrics['labels'][k]}": v.get("dice") for k, v in metrics.get("mean", {}).items()}
+    out.update({f"foreground_{k}": v for k, v in metrics.get("foreground_mean", {}).items()})
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------
+class TrainingLoop:
+    def __init__(self, task, spec: RunSpec, run_dir: Path, device, time_budget_minutes, started):
+        self.task, self.spec, self.run_dir, self.device = task, spec, Path(run_dir), device
+        self.configuration = spec.configuration
+        self.network = task.build_network().to(device)
+        self.loss = task.build_loss().to(device)
+        self.optimizer = self._build_optimizer()
+        self.use_amp = device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.started = started
+        self.deadline = None if not time_budget_minutes else started + 60 * time_budget_minutes
+        self.epoch, self.iterations, self.train_seconds = 0, 0, 0.0
+        self.ema, self.best_ema, self.best_epoch = None, -math.inf, 0
+        self.stopped_by = "epochs"
+        self.log_path = self.run_dir / "log.csv"
+
+    # -- optimiser and schedule -------------------------------------------------------------
+    def _build_optimizer(self):
+        name, lr = self.configuration.optimizer, self.configuration.lr
+        params = self.network.parameters()
+        if name == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
+        if name == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=3e-5)
+        if name == "adamw":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2 if self.spec.task_type == "classification" else 3e-5)
+        raise ValueError(f"unknown optimizer {name!r} (sgd, adam, adamw)")
+
+    def progress(self) -> float:
+        fraction = self.epoch / max(1, self.configuration.epochs)
+        if self.deadline is not None:
+            available = self.deadline - self.started - self.reserve_seconds()
+            fraction = max(fraction, (time.monotonic() - self.started) / max(1.0, available))
+        return min(1.0, fraction)
+
+    def learning_rate(self) -> float:
+        base, progress = self.configuration.lr, self.progress()
+        if self.configuration.optimizer == "sgd":
+            return base * (1 - progress) ** 0.9            # nnU-Net's poly schedule
+        warmup = 0.05                                      # Adam(W): linear warm-up, then cosine
+        if progress < warmup:
+            return base * max(progress / warmup, 0.05)
+        return base * 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
+
+    def reserve_seconds(self) -> float:
+        """Time kept back for final validation and the report (measured cost once known)."""
+        n_val = len(self.task.split["val"])
+        per_case = 0.5 if self.spec.task_type == "segmentation" else 0.02
+        return 15.0 + n_val * per_case + getattr(self, "_epoch_seconds", 0.0)
+
+    # -- epochs -------------------------------------------------------------------------------
+    def fit(self, resume=False):
+        if resume:
+            self._load_latest()
+        else:
+            self._write_log_header()
+        seed = self.spec.options.seed * 1000 + self.spec.fold * 100 + self.epoch
+        with self.task.train_loader(seed) as train_batches:
+            while self.epoch < self.configuration.epochs:
+                if self._out_of_time():
+                    self.stopped_by = "time_budget"
+                    break
+                epoch_started = time.monotonic()
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.learning_rate()
+                train_loss = self._train_epoch(train_batches)
+                val_loss, scores = self._validate_epoch()
+                self.epoch += 1
+                self._epoch_seconds = time.monotonic() - epoch_started
+                self.train_seconds += self._epoch_seconds
+                self._after_epoch(train_loss, val_loss, scores)
+
+    def _out_of_time(self) -> bool:
+        if self.deadline is None:
+            return False
+        return time.monotonic() + getattr(self, "_epoch_seconds", 0.0) + self.reserve_seconds() > self.deadline
+
+    def _train_epoch(self, batches) -> float:
+        from tqdm.auto import tqdm
+
+        self.network.train()
+        losses = []
+        steps = range(self.configuration.iterations_per_epoch)
+        for _ in tqdm(steps, desc=f"epoch {self.epoch}", leave=False, disable=not _progress_enabled()):
+            data, target = self.task.to_device(next(batches), self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, enabled=self.use_amp):
+                loss = self.loss(self.network(data), target)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), GRAD_CLIP)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            losses.append(loss.item())
+            self.iterations += 1
+        return float(np.mean(losses))
+
+    @torch.no_grad()
+    def _validate_epoch(self):
+        self.network.eval()
+        tally, losses = self.task.new_tally(), []
+        n_batches = self.configuration.val_iterations_per_epoch or 5
+        with self.task.val_loader(seed=1234) as batches:
+            for i, batch in enumerate(batches):
+                if self.spec.task_type == "segmentation" and i >= n_batches:
+                    break
+                data, target = self.task.to_device(batch, self.device)
+                with torch.autocast(self.device.type, enabled=self.use_amp):
+                    outputs = self.network(data)
+                    losses.append(self.task.validation_loss(outputs, target).item())
+                self.task.tally(tally, outputs, target)
+        return float(np.mean(losses)) if losses else float("nan"), self.task.scores(tally)
+
+    def _after_epoch(self, train_loss, val_loss, scores):
+        metric = scores[f"val_{self.task.metric}"]
+        self.ema = metric if self.ema is None else EMA_DECAY * self.ema + (1 - EMA_DECAY) * metric
+        row = {"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss, **scores,
+               f"ema_{self.task.metric}": self.ema, "lr": self.optimizer.param_groups[0]["lr"],
+               "seconds": round(self._epoch_seconds, 2)}
+        self._append_log(row)
+        if self.ema > self.best_ema:
+            self.best_ema, self.best_epoch = self.ema, self.epoch
+            self._save_checkpoint("checkpoint_best.pt")
+        self._save_checkpoint("checkpoint_latest.pt")   # after best: resume never loses a best
+        try:
+            from autoplan.report import plot_learning_curves
+
+            plot_learning_curves(self.log_path, self.run_dir / "curves.png")
+        except Exception as error:  # a plotting failure must not kill a training run
+            print(f"warning: could not draw curves.png: {error}")
+
+    # -- log and checkpoints --------------------------------------------------------------------
+    def _write_log_header(self):
+        self.log_path.unlink(missing_ok=True)
+
+    def _append_log(self, row: dict):
+        rows = _read_log(self.log_path)[: self.epoch - 1] + [row]
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        lines = [",".join(fields)] + [",".join(_csv_value(r.get(k)) for k in fields) for r in rows]
+        atomic_write_text(self.log_path, "\n".join(lines) + "\n")
+
+    def _state(self) -> dict:
+        return {"model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iterations": self.iterations,
+                "train_seconds": self.train_seconds, "ema": self.ema, "best_ema": self.best_ema,
+                "best_epoch": self.best_epoch, "elapsed": time.monotonic() - self.started,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                        "python": random.getstate()}}
+
+    def _save_checkpoint(self, name: str):
+        path = self.run_dir / name
+        tmp = path.with_name(f".{name}.tmp")
+        torch.save(self._state(), tmp)
+        os.replace(tmp, path)
+
+    def _load_latest(self):
+        path = self.run_dir / "checkpoint_latest.pt"
+        if not path.is_file():
+            print(f"no {path.name} in {self.run_dir}: starting from scratch")
+            self._write_log_header()
+            return
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.network.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.iterations = state["epoch"], state["iterations"]
+        self.train_seconds, self.ema = state["train_seconds"], state["ema"]
+        self.best_ema, self.best_epoch = state["best_ema"], state["best_epoch"]
+        # the time budget continues where the crashed run left it
+        self.started -= state["elapsed"]
+        if self.deadline is not None:
+            self.deadline -= state["elapsed"]
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        print(f"resuming {self.run_dir} after epoch {self.epoch}")
+
+    def finish(self) -> dict:
+        """Final checkpoint, best weights back in, full validation, metrics.json and report."""
+        self._save_checkpoint("checkpoint_final.pt")
+        best = self.run_dir / "checkpoint_best.pt"
+        if best.is_file():
+            self.network.load_state_dict(torch.load(best, map_location=self.device, weights_only=False)["model"])
+        run_info = {"dataset": self.spec.dataset, "configuration": self.configuration.to_dict()
+                    if hasattr(self.configuration, "to_dict") else _as_dict(self.configuration),
+                    "options": _as_dict(self.spec.options), "fold": self.spec.fold,
+                    "device": str(self.device), "epochs_completed": self.epoch,
+                    "iterations": self.iterations, "best_epoch": self.best_epoch,
+                    "train_minutes": round(self.train_seconds / 60, 2), "stopped_by": self.stopped_by}
+        return self.task.final_validation(self.network, self.run_dir, self.device, run_info)
+
+
+def _as_dict(value):
+    from autoplan.jsonio import to_jsonable
+
+    return to_jsonable(value)
+
+
+def _csv_value(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _read_log(path: Path) -> list:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _progress_enabled() -> bool:
+    import sys
+
+    return sys.stderr.isatty() or os.environ.get("AUTOPLAN_PROGRESS") == "1"

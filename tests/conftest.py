@@ -1,0 +1,28 @@
+"""Shared test fixtures: where the real datasets are, and small thread counts."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def shared_dataset(name: str) -> Path:
+    """The shared real dataset folder, or skip the test with a clear message."""
+    path = SHARED_DATASETS / name
+    if not path.is_dir():
+        pytest.skip(f"real dataset {name!r} not found at {path} (see ../shared/datasets/README.md)")
+    return path
+
+
+@pytest.fixture
+def folders(tmp_path):
+    from autoplan.paths import resolve_folders
+
+    return resolve_folders(tmp_path / "raw", tmp_path / "preprocessed", tmp_path / "results")
