@@ -39,6 +39,7 @@ CONVENTIONS = (
     "Both empty: all metrics NaN, excluded from means. "
     "Reference empty, prediction not: Dice/Jaccard/precision 0, recall and distances NaN. "
     "Prediction empty, reference not: Dice/Jaccard/recall 0, precision and distances NaN. "
+    "NaN is written as null in metrics.json and n/a in reports. "
     "Means are over cases where the metric is defined (NaN skipped); "
     "foreground_mean is the mean over labels of the per-label means."
 )

@@ -48,11 +48,12 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
     With ``alpha`` the mean is weighted like ``F.cross_entropy(weight=alpha)`` (divided
     by the sum of the weights), so gamma=0 gives exactly weighted cross-entropy.
     """
-    log_p = F.log_softmax(logits, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
+    # float32: (1 - p)^gamma and log p lose too much in half precision under autocast.
+    log_p = F.log_softmax(logits.float(), dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
     loss = -((1 - log_p.exp()) ** gamma) * log_p
     if alpha is None:
         return loss.mean()
-    weight = alpha.to(logits.device, logits.dtype)[target]
+    weight = alpha.to(logits.device, torch.float32)[target]
     return (weight * loss).sum() / weight.sum().clamp_min(1e-12)
 
 
@@ -71,7 +72,7 @@ class SoftDiceLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         labels = _labels(target)
-        probabilities = torch.softmax(logits, dim=1)[:, 1:]
+        probabilities = torch.softmax(logits.float(), dim=1)[:, 1:]
         truth = _one_hot(labels, logits.shape[1])[:, 1:]
         axes = tuple(range(2, logits.ndim))
         if self.batch_dice:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from autoplan import distributed
 from autoplan.datasets import Dataset
 from autoplan.jsonio import JsonDataclass, atomic_write_text
 from autoplan.paths import Folders
@@ -45,6 +46,8 @@ class Run(JsonDataclass):
     total_seconds: float
     stopped_by: str               # 'epochs' | 'time_budget'
     headline: dict                # the metrics a reader looks at first
+    world_size: int = 1           # processes under torchrun
+    parameter_checksums: list = None   # one per process: equal when they stayed in sync
 
 
 # --------------------------------------------------------------------------------------
@@ -108,9 +111,14 @@ def train(dataset: Dataset, plan: Plan, options: TrainOptions, folders: Folders)
     if configuration_name not in plan.configurations:
         raise ValueError(f"configuration {configuration_name!r} not in plans.json "
                          f"(has {', '.join(plan.configurations)})")
+    distributed.setup(_pick_device(options.device).type)
+    if not distributed.is_main():
+        distributed.barrier()          # rank 0 preprocesses and splits first; the others then reuse it
     preprocessed_dir = preprocess_dataset(dataset, plan, configuration_name, folders.preprocessed,
                                           n_jobs=options.n_jobs)
     splits = load_or_create_splits(dataset, folders.results)
+    if distributed.is_main():
+        distributed.barrier()
     folds = range(len(splits)) if options.fold == "all" else [int(options.fold)]
     return [train_fold(dataset, plan.configurations[configuration_name], options, folders,
                        preprocessed_dir, splits[fold], fold) for fold in folds]
@@ -130,30 +138,35 @@ def _seed_everything(seed: int) -> None:
 
 def train_fold(dataset, configuration, options, folders, preprocessed_dir, split, fold) -> Run:
     started = time.monotonic()
-    device = _pick_device(options.device)
+    device = distributed.setup(_pick_device(options.device).type)
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     configuration = effective_configuration(configuration, options)
     norm = options.norm or "instance"
     name = run_name(options, configuration, norm)
     run_dir = folders.results / dataset.name / configuration.name / name / f"fold_{fold}"
-    run_dir.mkdir(parents=True, exist_ok=True)
     spec = RunSpec(dataset=dataset.name, task_type=dataset.task_type, fold=fold,
                    configuration=configuration, options=options, labels=dataset.labels,
                    classes=dataset.classes, channel_names=dataset.channel_names,
                    file_ending=dataset.file_ending, norm=norm, dropout=options.dropout)
-    spec.save(run_dir / "plan.json")
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        spec.save(run_dir / "plan.json")
     _seed_everything(options.seed + fold)
     task = make_task(spec, preprocessed_dir, split, dataset, options.n_workers)
     loop = TrainingLoop(task, spec, run_dir, device, options.time_budget_minutes, started)
     loop.fit(resume=options.resume)
-    metrics = loop.finish()
+    checksums = distributed.parameter_checksums(loop.network)
+    metrics = loop.finish() if distributed.is_main() else {}
+    distributed.barrier()
     run = Run(run_dir=str(run_dir), dataset=dataset.name, configuration=configuration.name, fold=fold,
               epochs_completed=loop.epoch, iterations=loop.iterations, best_epoch=loop.best_epoch,
               best_ema_metric=loop.best_ema, train_seconds=loop.train_seconds,
               total_seconds=time.monotonic() - started, stopped_by=loop.stopped_by,
-              headline=headline_metrics(metrics))
-    run.save(run_dir / "run.json")
+              headline=headline_metrics(metrics) if metrics else {},
+              world_size=distributed.world_size(), parameter_checksums=checksums)
+    if distributed.is_main():
+        run.save(run_dir / "run.json")
     return run
 
 
@@ -173,7 +186,7 @@ class TrainingLoop:
     def __init__(self, task, spec: RunSpec, run_dir: Path, device, time_budget_minutes, started):
         self.task, self.spec, self.run_dir, self.device = task, spec, Path(run_dir), device
         self.configuration = spec.configuration
-        self.network = task.build_network().to(device)
+        self.network = distributed.wrap(task.build_network().to(device), device)
         self.loss = task.build_loss().to(device)
         self.optimizer = self._build_optimizer()
         self.use_amp = device.type == "cuda"
@@ -223,12 +236,12 @@ class TrainingLoop:
     def fit(self, resume=False):
         if resume:
             self._load_latest()
-        else:
+        elif distributed.is_main():
             self._write_log_header()
-        seed = self.spec.options.seed * 1000 + self.spec.fold * 100 + self.epoch
+        seed = self.spec.options.seed * 1000 + self.spec.fold * 100 + self.epoch + 7919 * distributed.rank()
         with self.task.train_loader(seed) as train_batches:
             while self.epoch < self.configuration.epochs:
-                if self._out_of_time():
+                if distributed.agree(self._out_of_time()):
                     self.stopped_by = "time_budget"
                     break
                 epoch_started = time.monotonic()
@@ -283,6 +296,8 @@ class TrainingLoop:
         return float(np.mean(losses)) if losses else float("nan"), self.task.scores(tally)
 
     def _after_epoch(self, train_loss, val_loss, scores):
+        if not distributed.is_main():
+            return
         metric = scores[f"val_{self.task.metric}"]
         self.ema = metric if self.ema is None else EMA_DECAY * self.ema + (1 - EMA_DECAY) * metric
         row = {"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss, **scores,
@@ -311,7 +326,7 @@ class TrainingLoop:
         atomic_write_text(self.log_path, "\n".join(lines) + "\n")
 
     def _state(self) -> dict:
-        return {"model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": distributed.unwrap(self.network).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iterations": self.iterations,
                 "train_seconds": self.train_seconds, "ema": self.ema, "best_ema": self.best_ema,
                 "best_epoch": self.best_epoch, "elapsed": time.monotonic() - self.started,
@@ -331,7 +346,7 @@ class TrainingLoop:
             self._write_log_header()
             return
         state = torch.load(path, map_location=self.device, weights_only=False)
-        self.network.load_state_dict(state["model"])
+        distributed.unwrap(self.network).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.iterations = state["epoch"], state["iterations"]
@@ -351,14 +366,15 @@ class TrainingLoop:
         self._save_checkpoint("checkpoint_final.pt")
         best = self.run_dir / "checkpoint_best.pt"
         if best.is_file():
-            self.network.load_state_dict(torch.load(best, map_location=self.device, weights_only=False)["model"])
+            distributed.unwrap(self.network).load_state_dict(
+                torch.load(best, map_location=self.device, weights_only=False)["model"])
         run_info = {"dataset": self.spec.dataset, "configuration": self.configuration.to_dict()
                     if hasattr(self.configuration, "to_dict") else _as_dict(self.configuration),
                     "options": _as_dict(self.spec.options), "fold": self.spec.fold,
                     "device": str(self.device), "epochs_completed": self.epoch,
                     "iterations": self.iterations, "best_epoch": self.best_epoch,
                     "train_minutes": round(self.train_seconds / 60, 2), "stopped_by": self.stopped_by}
-        return self.task.final_validation(self.network, self.run_dir, self.device, run_info)
+        return self.task.final_validation(distributed.unwrap(self.network), self.run_dir, self.device, run_info)
 
 
 def _as_dict(value):

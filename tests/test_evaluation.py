@@ -1,5 +1,6 @@
 """Metrics against hand-computed values (the arithmetic is in the comments)."""
 
+import json
 import math
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from scipy import ndimage
 
 from autoplan.evaluation import (classification_metrics, segmentation_case_metrics, segmentation_metrics,
                                  summarize_segmentation)
+from autoplan.jsonio import dumps
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
@@ -185,6 +187,9 @@ def test_summary_means_skip_undefined_cases():
     assert summary["foreground_mean"]["dice"] == pytest.approx(0.4375)
     assert summary["foreground_mean"]["hd95_mm"] == pytest.approx(0.25)
     assert "HD95" in summary["conventions"]
+    # JSON has no NaN: undefined values are written as null
+    written = json.loads(dumps(summary))
+    assert written["mean"]["2"]["hd95_mm"] is None and written["per_case"][2]["per_label"]["1"]["dice"] is None
 
 
 def test_segmentation_metrics_over_cases_matches_the_summary():

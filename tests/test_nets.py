@@ -32,7 +32,9 @@ def test_unet_2d_deep_supervision_shapes_and_eval_output():
     assert [tuple(o.shape) for o in outputs] == [(2, 3, 32, 24), (2, 3, 16, 12)]
     single = net.eval()(x)
     assert isinstance(single, torch.Tensor) and single.shape == (2, 3, 32, 24)
-    # Eval output equals the first deep-supervision output (same head, same path).
+    # Eval output is the first deep-supervision output (same path; instance norm and no
+    # dropout make train and eval mode compute the same).
+    assert torch.allclose(single, outputs[0], atol=1e-6)
     net_no_ds = tiny_unet(2, deep_supervision=False)
     assert isinstance(net_no_ds.train()(x), torch.Tensor)
 
@@ -266,3 +268,33 @@ def test_grad_cam_on_resnet_is_clean():
     alone = grad_cam(model, images[1:], target_classes=torch.tensor([2]))
     batched = grad_cam(model, images, target_classes=torch.tensor([0, 2]))
     np.testing.assert_allclose(alone[0], batched[1], atol=1e-5)
+
+
+def test_grad_cam_of_a_briefly_trained_resnet_points_at_the_object():
+    """Class = bright or dark square at a random place: the map should find the square."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+
+    def squares(n):
+        images = torch.randn(n, 1, 64, 64, generator=generator) * 0.3
+        labels = torch.randint(0, 2, (n,), generator=generator)
+        corners = torch.randint(0, 48, (n, 2), generator=generator).tolist()
+        for image, label, (r, c) in zip(images, labels, corners):
+            image[0, r:r + 16, c:c + 16] += 1.0 if label == 1 else -1.0
+        return images, labels, corners
+
+    # Two stages keep an 8x8 feature map on a 64x64 input.
+    model = build_resnet("resnet18", in_channels=1, n_classes=2, width=8, blocks_per_stage=[1, 1])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        images, labels, _ = squares(16)
+        loss = nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    images, labels, corners = squares(8)
+    maps = grad_cam(model, images, labels)
+    for heat, (r, c) in zip(maps, corners):
+        inside = np.zeros((64, 64), bool)
+        inside[r:r + 16, c:c + 16] = True
+        assert heat[inside].mean() > heat[~inside].mean() + 0.3
