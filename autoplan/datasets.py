@@ -7,11 +7,29 @@ Classification datasets list their cases with class and optional group in
 ``dataset.json["cases"]``.
 """
 
+import csv
+import os
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from autoplan.errors import InputError
-from autoplan.jsonio import read_json
+from autoplan.io.images import (
+    NATURAL_EXTENSIONS,
+    ImageData,
+    file_ending,
+    is_dicom_folder,
+    list_image_files,
+    read_image,
+    strip_ending,
+    write_image,
+)
+from autoplan.jsonio import read_json, write_json
+from autoplan.parallel import parallel_map
 
 
 @dataclass
@@ -129,28 +147,6 @@ def _files_per_case(channel_names: dict) -> int:
 # is known (label values, channel counts, file endings), ``_write_case`` links, copies
 # or converts each case into a temporary folder that is renamed to RAW/NAME at the end.
 
-import csv
-import os
-import re
-import shutil
-import tempfile
-
-import numpy as np
-
-from autoplan.io.images import (
-    NATURAL_EXTENSIONS,
-    VOLUME_EXTENSIONS,
-    ImageData,
-    file_ending,
-    is_dicom_folder,
-    list_image_files,
-    read_image,
-    strip_ending,
-    write_image,
-)
-from autoplan.jsonio import write_json
-from autoplan.parallel import parallel_map
-
 # A mask ``X_segmentation.png`` belongs to image ``X.jpg``.
 MASK_SUFFIXES = ("_segmentation", "_mask", "_seg", "_label")
 # Geometry of image and mask must agree within these tolerances.
@@ -159,6 +155,9 @@ ORIGIN_ATOL_MM = 1e-3
 DIRECTION_ATOL = 1e-4
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _ID_COLUMNS = ("image_id", "image", "id", "case", "filename", "file", "name")
+# Files that may sit beside the images without being images (MHD data files included).
+_SIDECAR_ENDINGS = (".txt", ".md", ".csv", ".tsv", ".json", ".xlsx", ".xls", ".pdf",
+                    ".raw", ".zraw", ".db", ".ini")
 _LABEL_COLUMNS = ("label", "class", "dx", "diagnosis", "target", "category")
 
 
@@ -256,81 +255,100 @@ def import_dataset(
         raise InputError(target, "already exists (remove it or import with overwrite)")
     if not images_dir.is_dir():
         raise InputError(images_dir, "images folder not found")
-    if isinstance(label_map, str) or (label_map and not all(isinstance(k, int) for k in label_map)):
+    if label_map is not None:
         label_map = parse_label_map(label_map)
     if isinstance(classes, str):
         classes = [c.strip() for c in classes.split(",") if c.strip()]
     options = dict(n_jobs=n_jobs, quiet=quiet)
+    source = _Source(images_dir, masks_dir, labels_csv, id_column, label_column, group_column)
+    layout, task_type, jobs, given, label_map, classes = _collect_jobs(source, label_map, classes)
 
-    if (images_dir / "dataset.json").is_file():
-        layout, jobs, description = "nnunet_raw", *_nnunet_jobs(images_dir)
-        label_map = label_map or {v: k for k, v in description["labels"].items() if v != 0}
-        task_type = description.get("task_type", "segmentation")
-    elif labels_csv is not None:
-        layout, task_type, description = "classification_csv", "classification", {}
-        jobs, classes = _classification_jobs(images_dir, Path(labels_csv), id_column,
-                                             label_column, group_column, classes)
-    elif masks_dir is not None:
-        layout, task_type, description = "images_and_masks", "segmentation", {}
-        jobs = _segmentation_jobs(images_dir, Path(masks_dir))
-    else:
-        layout, task_type, description = "images_only", "segmentation", {}
-        jobs = _unlabelled_jobs(images_dir)
-
-    inspections = parallel_map(
-        _InspectTask(label_map), jobs, desc="checking cases", **options
-    )
+    inspections = _run_cases(_InspectTask(label_map), jobs, "checking cases", options)
     dim, channels, to_rgb = _channel_policy(jobs, inspections, convert_grey)
     natural = dim == 2 and all(file_ending(p) in NATURAL_EXTENSIONS for j in jobs for p in j.images)
-    ending, copy_images = _output_ending(jobs, natural, task_type, to_rgb)
+    if layout == "nnunet_raw":
+        ending, copy_images = given["file_ending"], not to_rgb
+    else:
+        ending, copy_images = _output_ending(jobs, natural, task_type, to_rgb)
     value_to_id, labels = _label_ids_from(label_map, inspections, task_type)
-
     description = {
-        **{k: v for k, v in description.items() if k not in ("name", "numTraining")},
+        **{k: v for k, v in given.items() if k not in ("name", "numTraining")},
         "name": name,
         "task_type": task_type,
-        "channel_names": description.get("channel_names")
+        "channel_names": given.get("channel_names")
         or _channel_names(channel_names, channels, natural),
         "labels": labels,
         "numTraining": len(jobs),
         "file_ending": ending,
+        **_case_listing(jobs, task_type, classes, layout),
+        "source": {
+            "layout": layout,
+            **{k: str(Path(v).resolve()) if v else None for k, v in
+               (("images", images_dir), ("masks", masks_dir), ("labels_csv", labels_csv))},
+            "label_map": {str(k): v for k, v in value_to_id.items()} if value_to_id else None,
+            "converted_grey_to_rgb": sorted(to_rgb),
+        },
     }
-    if task_type == "classification":
-        description["classes"] = classes
-        description["cases"] = [
-            {"case": j.id, "label": j.class_name, "group": j.group} for j in jobs
-        ]
-    elif any(j.group is not None for j in jobs):
-        description["groups"] = {j.id: j.group for j in jobs}
-    if layout == "images_only":
-        description["unlabelled"] = True     # no labelsTr: images for prediction only
-    description["source"] = {
-        "layout": layout,
-        "images": str(images_dir.resolve()),
-        "masks": str(Path(masks_dir).resolve()) if masks_dir else None,
-        "labels_csv": str(Path(labels_csv).resolve()) if labels_csv else None,
-        "label_map": {str(k): v for k, v in value_to_id.items()} if value_to_id else None,
-        "converted_grey_to_rgb": sorted(to_rgb),
-    }
-
     with _building_folder(raw_root, name, overwrite) as building:
         write_jobs = [
-            _WriteJob(
-                case=job,
-                root=building,
-                ending=ending,
-                copy_images=copy_images and job.id not in to_rgb,
-                to_rgb=job.id in to_rgb,
-                mask_lookup=_mask_lookup(job, value_to_id, ending),
-            )
+            _WriteJob(case=job, root=building, ending=ending,
+                      copy_images=copy_images and job.id not in to_rgb, to_rgb=job.id in to_rgb,
+                      mask_lookup=_mask_lookup(job, value_to_id, ending))
             for job in jobs
         ]
         (building / "imagesTr").mkdir()
         if any(j.mask is not None for j in jobs):
             (building / "labelsTr").mkdir()
-        parallel_map(_write_case, write_jobs, desc="writing cases", **options)
+        _run_cases(_write_case, write_jobs, "writing cases", options)
         write_json(building / "dataset.json", description)
     return load_dataset(target)
+
+
+@dataclass
+class _Source:
+    images: Path
+    masks: Path | None
+    labels_csv: Path | None
+    id_column: str | None
+    label_column: str | None
+    group_column: str | None
+
+
+def _collect_jobs(source: _Source, label_map, classes) -> tuple:
+    """(layout, task type, jobs, given dataset.json keys, label map, classes) of the source."""
+    images = source.images
+    masks = Path(source.masks) if source.masks is not None else None
+    table = Path(source.labels_csv) if source.labels_csv is not None else None
+    if (images / "dataset.json").is_file():
+        jobs, given = _nnunet_jobs(images)
+        if label_map is None:
+            by_id = sorted(given["labels"].items(), key=lambda kv: kv[1])
+            label_map = {v: k for k, v in by_id if v != 0}
+        classes = classes or given.get("classes")
+        return "nnunet_raw", given.get("task_type", "segmentation"), jobs, given, label_map, classes
+    if table is not None and masks is None:
+        jobs, classes = _classification_jobs(images, table, source.id_column,
+                                             source.label_column, source.group_column, classes)
+        return "classification_csv", "classification", jobs, {}, label_map, classes
+    if masks is not None:
+        jobs = _segmentation_jobs(images, masks)
+        if table is not None:  # a CSV beside masks only says which patient each case is
+            _attach_groups(jobs, table, source.id_column, source.group_column)
+        return "images_and_masks", "segmentation", jobs, {}, label_map, classes
+    return "images_only", "segmentation", _unlabelled_jobs(images), {}, label_map, classes
+
+
+def _case_listing(jobs, task_type: str, classes, layout: str) -> dict:
+    """dataset.json keys that list cases: classes and cases, groups, or unlabelled."""
+    if task_type == "classification":
+        return {"classes": classes,
+                "cases": [{"case": j.id, "label": j.class_name, "group": j.group} for j in jobs]}
+    listing = {}
+    if any(j.group is not None for j in jobs):
+        listing["groups"] = {j.id: j.group for j in jobs}
+    if layout == "images_only":
+        listing["unlabelled"] = True     # no labelsTr: images for prediction only
+    return listing
 
 
 # ---------------------------------------------------------------------------- layouts
@@ -354,7 +372,15 @@ def _check_unique(jobs: list) -> list:
 
 
 def _listed_images(images_dir: Path) -> list:
+    """Image files and DICOM series folders; any other file (but notes and tables) is refused."""
     images = list_image_files(images_dir)
+    for entry in sorted(images_dir.iterdir()):
+        if entry.is_file() and not entry.name.startswith(".") and entry not in images:
+            if entry.suffix.lower() == ".dcm":
+                raise InputError(entry, "DICOM file directly in the images folder: put each "
+                                        "series in its own subfolder")
+            if entry.suffix.lower() not in _SIDECAR_ENDINGS:
+                read_image(entry)  # raises the "unknown image file type" InputError
     if not images:
         raise InputError(images_dir, "no images found (PNG, JPEG, TIFF, BMP, NIfTI, NRRD, "
                                      "MHA/MHD files or DICOM series folders)")
@@ -378,7 +404,7 @@ def _segmentation_jobs(images_dir: Path, masks_dir: Path) -> list:
     """
     if not masks_dir.is_dir():
         raise InputError(masks_dir, "masks folder not found")
-    masks = {strip_ending(m.name): m for m in list_image_files(masks_dir)}
+    masks = {strip_ending(m.name): m for m in _listed_images(masks_dir)}
     by_mask: dict = {}
     for image in _listed_images(images_dir):
         stem = strip_ending(image.name)
@@ -497,6 +523,22 @@ def _classification_jobs(images_dir, csv_path, id_column, label_column, group_co
                                              f"({len(missing)} image(s) without a row)")
     found_classes = sorted({job.class_name for job in jobs})
     return _check_unique(jobs), list(classes) if classes is not None else found_classes
+
+
+def _attach_groups(jobs: list, csv_path: Path, id_column, group_column) -> None:
+    """Groups (patients) of segmentation cases from a CSV: id column -> group column."""
+    rows, columns = _read_label_table(csv_path)
+    id_column = _pick_column(csv_path, columns, id_column, _ID_COLUMNS, "--id-column")
+    group_column = _pick_column(csv_path, columns, group_column, ("group", "patient_id",
+                                                                  "patient"), "--group-column")
+    groups = {strip_ending((r.get(id_column) or "").strip()): (r.get(group_column) or "").strip()
+              for r in rows}
+    for job in jobs:
+        stem = strip_ending(job.images[0].name)
+        group = groups.get(job.id, groups.get(stem))
+        if group is None:
+            raise InputError(job.images[0], f"no row in {csv_path.name} for this image")
+        job.group = group or None
 
 
 def _nnunet_jobs(folder: Path) -> tuple:
@@ -645,15 +687,44 @@ def _label_ids_from(label_map: dict | None, inspections, task_type: str) -> tupl
 
 
 def _mask_lookup(job: _CaseJob, value_to_id: dict, ending: str) -> dict | None:
+    """None where the mask file can be copied unchanged: a volume already holding label ids.
+
+    Natural-image masks are always rewritten: palette or colour PNGs must become grey.
+    """
     if job.mask is None:
         return None
     identity = all(value == label for value, label in value_to_id.items())
-    if identity and file_ending(job.mask) == ending:
+    if identity and file_ending(job.mask) == ending and ending not in NATURAL_EXTENSIONS:
         return None
     return {0: 0, **value_to_id}
 
 
 # ---------------------------------------------------------------------------- writing
+
+
+class _Reporting:
+    """Run ``function`` and hand InputError back as a value.
+
+    InputError does not survive pickling (its constructor takes two arguments), so a
+    worker process must not raise it across joblib.
+    """
+
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, item):
+        try:
+            return True, self.function(item)
+        except InputError as error:
+            return False, (str(error.path) if error.path else None, error.problem)
+
+
+def _run_cases(function, items: list, desc: str, options: dict) -> list:
+    results = parallel_map(_Reporting(function), items, desc=desc, **options)
+    for ok, value in results:
+        if not ok:
+            raise InputError(value[0], value[1])
+    return [value for _, value in results]
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -680,8 +751,7 @@ def _write_case(job: _WriteJob) -> None:
         return
     target = job.root / "labelsTr" / f"{case.id}{job.ending}"
     if job.mask_lookup is None:
-        if case.mask.is_file():
-            _link_or_copy(case.mask, target)
+        _link_or_copy(case.mask, target)
         return
     mask = _read_mask(case.mask)
     lookup = np.zeros(max(job.mask_lookup) + 1, dtype=np.uint16)

@@ -16,3 +16,7 @@ class InputError(Exception):
         self.path = Path(path) if path is not None else None
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
+
+    def __reduce__(self):
+        # joblib workers pickle exceptions back to the parent: keep both arguments
+        return (InputError, (self.path, self.problem))

@@ -229,6 +229,7 @@ def test_nan_in_volume(tmp_path):
 # ----------------------------------------------------------------------------- DICOM
 
 
+@pytest.mark.realdata
 def test_dicom_series_reads_and_mask_keeps_geometry(tmp_path):
     folder = dicom_series("Study1")
     assert is_dicom_folder(folder)
@@ -247,6 +248,7 @@ def test_dicom_series_reads_and_mask_keeps_geometry(tmp_path):
     np.testing.assert_array_equal(back.array[0], mask)
 
 
+@pytest.mark.realdata
 def test_dicom_folder_with_two_series(tmp_path):
     mixed = tmp_path / "mixed"
     mixed.mkdir()
@@ -258,6 +260,7 @@ def test_dicom_folder_with_two_series(tmp_path):
     assert error.value.path == mixed
 
 
+@pytest.mark.realdata
 def test_dicom_series_with_missing_slice(tmp_path):
     source = dicom_series("Study1")
     gappy = tmp_path / "gappy"

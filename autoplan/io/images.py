@@ -392,7 +392,9 @@ def _write_natural(pixels: np.ndarray, target: Path, image_format: str) -> None:
         if image_format == "bmp":
             raise ValueError(f"{target}: BMP cannot hold 16-bit values")
     pil = Image.fromarray(pixels)  # uint8 -> L/RGB, uint16 -> I;16
-    pil.save(target, format=_PIL_SAVE_FORMATS[image_format])
+    # zlib level 1: twice as fast as the default 6 for files about 15% larger.
+    extra = {"compress_level": 1} if image_format == "png" else {}
+    pil.save(target, format=_PIL_SAVE_FORMATS[image_format], **extra)
 
 
 def _to_sitk(array: np.ndarray, reference: ImageData | None) -> sitk.Image:
