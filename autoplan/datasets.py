@@ -112,7 +112,7 @@ def load_dataset(root) -> Dataset:
             Case(
                 id=case_id,
                 images=[images_dir / f"{case_id}_{c:04d}{ending}" for c in range(n_files)],
-                label=root / "labelsTr" / f"{case_id}{ending}",
+                label=None if description.get("unlabelled") else root / "labelsTr" / f"{case_id}{ending}",
                 group=groups.get(case_id),
             )
             for case_id in case_ids

@@ -14,6 +14,7 @@ Classification reads each image once and keeps only small per-image summaries
 (size, channel sums, a pixel hash) for class balance, groups and duplicates.
 """
 
+import functools
 import hashlib
 import os
 import re
@@ -170,6 +171,24 @@ def _load_cached(path: Path, source_hash: str):
     return cached if cached.source_hash == source_hash else None
 
 
+def _map_cases(analyze, jobs, n_jobs) -> list:
+    """``analyze`` over the cases in parallel; the first case's InputError is raised here."""
+    results = parallel_map(functools.partial(_report_input_errors, analyze), jobs,
+                           n_jobs=n_jobs, desc="fingerprint")
+    for result in results:
+        if "input_error" in result:
+            raise InputError(*result["input_error"])
+    return results
+
+
+def _report_input_errors(analyze, job) -> dict:
+    """Runs in a worker: an InputError comes back as data (it does not survive pickling)."""
+    try:
+        return analyze(job)
+    except InputError as error:
+        return {"input_error": (error.path, error.problem)}
+
+
 # ============================================================================ segmentation
 
 
@@ -178,7 +197,7 @@ def _fingerprint_segmentation(dataset, source_hash: str, n_jobs) -> Fingerprint:
     samples_per_case = int(MAX_FOREGROUND_SAMPLES // len(dataset.cases))
     jobs = [(case.id, [str(p) for p in case.images], str(case.label), label_ids, samples_per_case)
             for case in dataset.cases]
-    results = parallel_map(_analyze_segmentation_case, jobs, n_jobs=n_jobs, desc="fingerprint")
+    results = _map_cases(_analyze_segmentation_case, jobs, n_jobs)
     _check_consistent(dataset, results)
 
     n_channels = results[0]["n_channels"]
@@ -203,7 +222,7 @@ def _fingerprint_segmentation(dataset, source_hash: str, n_jobs) -> Fingerprint:
         foreground_fraction=foreground / total_voxels if total_voxels else 0.0,
         background_foreground_ratio=(total_voxels - foreground) / foreground if foreground else None,
     )
-    fingerprint.notes = _segmentation_notes(fingerprint)
+    fingerprint.notes = _segmentation_notes(fingerprint) + _spacing_notes(results)
     return fingerprint
 
 
@@ -500,7 +519,7 @@ def _fingerprint_classification(dataset, source_hash: str, n_jobs) -> Fingerprin
             raise InputError(Path(dataset.root) / "dataset.json",
                              f"case {case.id!r} has class {case.class_name!r}, not in classes {classes}")
     jobs = [(case.id, [str(p) for p in case.images]) for case in dataset.cases]
-    results = parallel_map(_analyze_classification_case, jobs, n_jobs=n_jobs, desc="fingerprint")
+    results = _map_cases(_analyze_classification_case, jobs, n_jobs)
     _check_consistent(dataset, results)
 
     shapes = np.array([r["shape"] for r in results], dtype=float)
@@ -524,7 +543,7 @@ def _fingerprint_classification(dataset, source_hash: str, n_jobs) -> Fingerprin
         duplicates=_duplicates(dataset, results),
     )
     _group_fields(fingerprint, dataset, classes)
-    fingerprint.notes = _classification_notes(fingerprint, class_counts)
+    fingerprint.notes = _classification_notes(fingerprint, class_counts) + _spacing_notes(results)
     return fingerprint
 
 
@@ -533,7 +552,8 @@ def _analyze_classification_case(job) -> dict:
     case_id, image_paths = job
     image = _read_channels(image_paths)
     data = image.array
-    flat = data.reshape(data.shape[0], -1).astype(np.float64) / _full_scale(data.dtype)
+    flat = data.reshape(data.shape[0], -1)
+    sums, squares = _channel_sums(flat)
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{data.dtype.str}{data.shape}".encode())
     digest.update(np.ascontiguousarray(data).tobytes())
@@ -544,16 +564,31 @@ def _analyze_classification_case(job) -> dict:
         "spacing": [float(s) for s in image.spacing],
         "n_voxels": int(flat.shape[1]),
         "disk_bytes": sum(os.path.getsize(p) for p in image_paths),
-        "sums": flat.sum(axis=1).tolist(),
-        "sums_of_squares": np.einsum("ij,ij->i", flat, flat).tolist(),
+        "sums": sums,
+        "sums_of_squares": squares,
         "hash": digest.hexdigest(),
         "source_format": image.source_format,
         "bit_depth": image.meta.get("bit_depth"),
         "dtype": str(data.dtype),
-        "channel_min": [float(v) for v in data.reshape(data.shape[0], -1).min(axis=1)],
-        "channel_max": [float(v) for v in data.reshape(data.shape[0], -1).max(axis=1)],
-        "integer_valued": [_is_integer_valued(c) for c in data.reshape(data.shape[0], -1)],
+        "channel_min": [float(v) for v in flat.min(axis=1)],
+        "channel_max": [float(v) for v in flat.max(axis=1)],
+        "integer_valued": [_is_integer_valued(c) for c in flat],
     }
+
+
+def _channel_sums(flat: np.ndarray) -> tuple:
+    """Per-channel sums and sums of squares on the 0..1 scale.
+
+    8/16-bit pixels are summed as exact integers (faster than floats, no rounding).
+    """
+    scale = _full_scale(flat.dtype)
+    if flat.dtype in (np.uint8, np.uint16, bool):
+        wide = flat.astype(np.uint64)
+        sums = wide.sum(axis=1)
+        squares = np.einsum("ij,ij->i", wide, wide)
+        return (sums / scale).tolist(), (squares / scale ** 2).tolist()
+    values = flat.astype(np.float64) / scale
+    return values.sum(axis=1).tolist(), np.einsum("ij,ij->i", values, values).tolist()
 
 
 def _full_scale(dtype) -> float:
@@ -683,6 +718,13 @@ def _geometry_fields(dataset, results, shapes, spacings, source_hash) -> dict:
         "disk_bytes": int(sum(r["disk_bytes"] for r in results)),
         "source_hash": source_hash,
     }
+
+
+def _spacing_notes(results) -> list:
+    if all(r["source_format"] in NATURAL_FORMATS for r in results):
+        return ["natural image files (PNG/JPEG/...) store no physical spacing: spacing 1 is "
+                "used, so sizes in mm are sizes in pixels"]
+    return []
 
 
 def _median_list(values: np.ndarray, as_int=True) -> list:

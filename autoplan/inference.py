@@ -386,9 +386,15 @@ def check_output_folder(input_dir: Path, output_dir: Path) -> None:
 
 @contextlib.contextmanager
 def _torch_threads(n_jobs):
-    """Use ``n_jobs`` (default: all cores) threads for torch while predicting, then restore."""
+    """Use ``n_jobs`` threads for torch while predicting, then restore.
+
+    None keeps torch's own setting (all physical cores unless ``OMP_NUM_THREADS`` or the
+    caller says otherwise): on a busy machine fewer threads can be much faster, since
+    torch's threads wait for each other at every operation.
+    """
     previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(n_jobs or os.cpu_count() or 1)))
+    if n_jobs is not None:
+        torch.set_num_threads(max(1, int(n_jobs)))
     try:
         yield
     finally:
@@ -555,3 +561,185 @@ def predict_folder(model_dir, input_dir, output_dir, tta: bool = True, device="c
         raise InputError(input_dir, f"{len(failures)} of {len(cases)} case(s) failed (the others "
                                     f"were written to {output_dir}): {listing}")
     return summary
+
+
+# ============================================================================ Grad-CAM samples
+
+
+def _pick_gradcam_indices(y_true, y_pred, confidence, n_classes: int) -> list:
+    """Per true class: the most confident correct image and the most confident wrong one.
+
+    Falls back to a second image of the other kind when one kind is missing (at most 2).
+    """
+    picks = []
+    for k in range(n_classes):
+        members = np.flatnonzero(y_true == k)
+        correct = sorted(members[y_pred[members] == k], key=lambda i: -confidence[i])
+        wrong = sorted(members[y_pred[members] != k], key=lambda i: -confidence[i])
+        chosen = correct[:1] + wrong[:1]
+        rest = correct[1:] + wrong[1:]
+        picks += [int(i) for i in (chosen + rest)[:2]]
+    return picks
+
+
+def gradcam_samples(network, images, y_true, probabilities, classes: list, configuration, cases: list,
+                    device="cpu") -> list:
+    """Grad-CAM heat maps for up to 2 images per true class (one correct, one wrong where possible).
+
+    ``images`` are uint8 ``(N, H, W, C)`` at the network's input size. Returns
+    ``[{"case", "true_class", "predicted_class", "correct", "probability", "image" (H, W, C) uint8,
+    "heatmap" (H, W) 0..1}]``, ordered by class.
+    """
+    from autoplan.nets.gradcam import grad_cam
+    from autoplan.preprocessing import normalize_classification_batch
+
+    y_true = np.asarray(y_true).astype(int)
+    probabilities = np.asarray(probabilities, dtype=float)
+    if not len(y_true):
+        return []
+    y_pred = probabilities.argmax(axis=1)
+    picks = _pick_gradcam_indices(y_true, y_pred, probabilities.max(axis=1), len(classes))
+    if not picks:
+        return []
+    pixels = np.stack([np.asarray(images[i]) for i in picks])
+    batch = torch.from_numpy(normalize_classification_batch(pixels, configuration)).to(device)
+    heatmaps = grad_cam(network, batch, target_classes=torch.as_tensor(y_pred[picks]))
+    return [{"case": str(cases[i]), "true_class": classes[y_true[i]], "predicted_class": classes[y_pred[i]],
+             "correct": bool(y_true[i] == y_pred[i]), "probability": float(probabilities[i, y_pred[i]]),
+             "image": pixels[n], "heatmap": heatmaps[n]}
+            for n, i in enumerate(picks)]
+
+
+# ============================================================================ evaluate_dataset
+
+
+def _run_info(ensemble: Ensemble, dataset, tta: bool, device) -> dict:
+    spec = ensemble.spec
+    return {"dataset": dataset.name, "trained_on": spec.dataset,
+            "configuration": spec.configuration.to_dict() if hasattr(spec.configuration, "to_dict")
+            else spec.configuration.__dict__,
+            "options": spec.options.__dict__, "folds": [str(f) for f in ensemble.fold_dirs],
+            "fold": spec.fold if len(ensemble.fold_dirs) == 1 else "ensemble",
+            "tta": tta, "device": str(device), "postprocessing": spec.postprocessing,
+            "evaluation": True}
+
+
+def _check_dataset_fits(spec: RunSpec, dataset) -> None:
+    if dataset.task_type != spec.task_type:
+        raise InputError(dataset.root, f"is a {dataset.task_type} dataset; the model does {spec.task_type}")
+    if not dataset.cases:
+        raise InputError(dataset.root, "holds no cases")
+    if spec.task_type == "segmentation":
+        if {int(v) for v in dataset.labels.values()} - {int(v) for v in spec.labels.values()}:
+            raise InputError(dataset.root, f"labels {dataset.labels} are not among the model's {spec.labels}")
+        if any(c.label is None for c in dataset.cases):
+            raise InputError(dataset.root, "has cases without a mask; evaluation needs labelled cases")
+    else:
+        unknown = sorted({c.class_name for c in dataset.cases} - set(spec.classes or []))
+        if unknown:
+            raise InputError(dataset.root, f"classes {unknown} are not among the model's {spec.classes}")
+
+
+def _segmentation_samples(metrics: dict, dataset, prediction_paths: dict) -> list:
+    """Best, median and worst case by mean foreground Dice, read back for the report's overlays."""
+    from autoplan.io import read_image
+    from autoplan.preprocessing import read_case_images
+    from autoplan.report import select_sample_cases
+
+    samples = []
+    for case_id in select_sample_cases(metrics, 3):
+        case = dataset.case(case_id)
+        image = read_case_images(case)
+        samples.append({"case": case.id, "image": image.array,
+                        "reference": read_image(case.label).array[0],
+                        "prediction": read_image(prediction_paths[case.id]).array[0],
+                        "spacing": list(image.spacing)})
+    return samples
+
+
+def _evaluate_segmentation(ensemble: Ensemble, dataset, output_dir: Path, tta, device) -> dict:
+    from autoplan.evaluation import segmentation_case_metrics, summarize_segmentation
+    from autoplan.io import write_image
+    from autoplan.preprocessing import read_case_images, read_case_labels
+    from autoplan.report import write_segmentation_report
+
+    spec = ensemble.spec
+    label_ids = sorted(int(v) for v in spec.labels.values())
+    foreground = [i for i in label_ids if i != 0]
+    predictions_dir = output_dir / "predictions"
+    per_case, prediction_paths = [], {}
+    for case in _progress(dataset.cases, f"evaluate {dataset.name}"):
+        image = read_case_images(case)
+        reference = read_case_labels(case, image, label_ids)
+        probabilities, _ = predict_case_probabilities(ensemble.networks, spec, image, tta, device, case.id)
+        prediction = apply_postprocessing(probabilities_to_labels(probabilities, spec), spec.postprocessing)
+        ending = dataset.file_ending if dataset.file_ending not in _LOSSY_ENDINGS else ".png"
+        prediction_paths[case.id] = write_image(prediction, predictions_dir / f"{case.id}{ending}", image)
+        per_case.append({"case": case.id, "per_label": segmentation_case_metrics(
+            prediction, reference, foreground, image.spacing)})
+    metrics = summarize_segmentation(per_case, spec.foreground_labels)
+    write_json(output_dir / "metrics.json", metrics)
+    samples = _segmentation_samples(metrics, dataset, prediction_paths)
+    write_segmentation_report(output_dir, metrics, _run_info(ensemble, dataset, tta, device), samples,
+                              log_csv=None)
+    return metrics
+
+
+def _evaluate_classification(ensemble: Ensemble, dataset, output_dir: Path, tta, device) -> dict:
+    from autoplan.evaluation import classification_metrics
+    from autoplan.preprocessing import load_classification_image
+    from autoplan.report import write_classification_report
+
+    spec = ensemble.spec
+    classes = list(spec.classes)
+    cases = [InputCase(c.id, list(c.images)) for c in dataset.cases]
+    failures: list = []
+    rows = list(_classify_cases(ensemble, cases, tta, device, failures, f"evaluate {dataset.name}"))
+    if failures:
+        raise InputError(dataset.root, f"{len(failures)} case(s) could not be read: {'; '.join(failures)}")
+    case_ids = [case.name for case, _ in rows]
+    probabilities = np.stack([p for _, p in rows])
+    y_true = np.asarray([classes.index(dataset.case(c).class_name) for c in case_ids])
+    metrics = classification_metrics(y_true, probabilities, classes, case_ids)
+    write_json(output_dir / "metrics.json", metrics)
+    atomic_write_text(output_dir / "predictions.csv", _predictions_csv(
+        [(c, p) for c, p in zip(case_ids, probabilities)], classes))
+    # Grad-CAM needs the pixels of only the few picked images: read those again.
+    picks = _pick_gradcam_indices(y_true, probabilities.argmax(1), probabilities.max(1), len(classes))
+    pixels = {i: load_classification_image(read_case(dataset.case(case_ids[i]).images), spec.configuration)
+              for i in picks}
+    lookup = _LazyImages(pixels)
+    gradcam = gradcam_samples(ensemble.networks[0], lookup, y_true, probabilities, classes,
+                              spec.configuration, case_ids, device=device)
+    write_classification_report(output_dir, metrics, y_true, probabilities, classes,
+                                _run_info(ensemble, dataset, tta, device), gradcam, log_csv=None)
+    return metrics
+
+
+class _LazyImages:
+    """images[i] for the few indices Grad-CAM picks, without holding every image."""
+
+    def __init__(self, pixels: dict):
+        self.pixels = pixels
+
+    def __getitem__(self, index):
+        return self.pixels[int(index)]
+
+
+def evaluate_dataset(model_dir, dataset, output_dir=None, tta: bool = True, device="cpu",
+                     n_jobs: int | None = None) -> dict:
+    """Predict every case of a labelled dataset; write metrics.json, report.html/.md and pictures.
+
+    ``output_dir`` defaults to ``<model_dir>/<dataset name>/``. Segmentation compares with
+    ``labelsTr`` (per-case metrics with each image's spacing; the predicted masks are kept
+    in ``predictions/``); classification with the cases' classes (``predictions.csv`` too).
+    Returns the metrics dict.
+    """
+    output_dir = Path(output_dir) if output_dir is not None else Path(model_dir) / dataset.name
+    with _torch_threads(n_jobs):
+        ensemble = load_ensemble(model_dir, device)
+        _check_dataset_fits(ensemble.spec, dataset)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if ensemble.spec.task_type == "classification":
+            return _evaluate_classification(ensemble, dataset, output_dir, tta, device)
+        return _evaluate_segmentation(ensemble, dataset, output_dir, tta, device)
