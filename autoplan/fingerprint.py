@@ -195,8 +195,8 @@ def _report_input_errors(analyze, job) -> dict:
 def _fingerprint_segmentation(dataset, source_hash: str, n_jobs) -> Fingerprint:
     label_ids = sorted(dataset.foreground_labels)
     samples_per_case = int(MAX_FOREGROUND_SAMPLES // len(dataset.cases))
-    jobs = [(case.id, [str(p) for p in case.images], str(case.label), label_ids, samples_per_case)
-            for case in dataset.cases]
+    jobs = [(case.id, [str(p) for p in case.images], case.label and str(case.label), label_ids,
+             samples_per_case) for case in dataset.cases]
     results = _map_cases(_analyze_segmentation_case, jobs, n_jobs)
     _check_consistent(dataset, results)
 
@@ -223,6 +223,10 @@ def _fingerprint_segmentation(dataset, source_hash: str, n_jobs) -> Fingerprint:
         background_foreground_ratio=(total_voxels - foreground) / foreground if foreground else None,
     )
     fingerprint.notes = _segmentation_notes(fingerprint) + _spacing_notes(results)
+    unlabelled = sum(1 for r in results if not r["has_mask"])
+    if unlabelled:
+        fingerprint.notes.insert(0, f"{unlabelled} of {len(results)} cases have no mask: label and "
+                                    "foreground statistics cover only the labelled cases' voxels")
     return fingerprint
 
 
@@ -233,15 +237,7 @@ def _analyze_segmentation_case(job) -> dict:
     """
     case_id, image_paths, label_path, label_ids, samples_per_case = job
     image = _read_channels(image_paths)
-    seg_image = _read(label_path)
-    if seg_image.n_channels != 1:
-        raise InputError(label_path, f"a mask must have one channel, found {seg_image.n_channels} "
-                                     "(colour mask? import it with --label-map)")
-    seg = seg_image.array[0]
-    if seg.shape != image.spatial_shape:
-        raise InputError(label_path, f"mask shape {list(seg.shape)} differs from the image's "
-                                     f"{list(image.spatial_shape)} ({image_paths[0]})")
-    seg = _integer_labels(seg, label_path, label_ids)
+    seg = _read_mask(label_path, image, image_paths, label_ids)
     data = image.array
 
     # nnU-Net crops to the bounding box of the nonzero voxels of all channels (after filling
@@ -267,7 +263,8 @@ def _analyze_segmentation_case(job) -> dict:
         "spacing": [float(s) for s in image.spacing],
         "voxel_volume": voxel_volume,
         "n_voxels": int(seg.size),
-        "disk_bytes": sum(os.path.getsize(p) for p in image_paths) + os.path.getsize(label_path),
+        "disk_bytes": sum(os.path.getsize(p) for p in image_paths + [label_path] if p),
+        "has_mask": label_path is not None,
         "cropped_shape": [int(s.stop - s.start) for s in box],
         "relative_size": float(cropped_seg.size / seg.size),
         "samples": samples,
@@ -280,6 +277,21 @@ def _analyze_segmentation_case(job) -> dict:
         "bit_depth": image.meta.get("bit_depth"),
         "dtype": str(data.dtype),
     }
+
+
+def _read_mask(label_path, image, image_paths, label_ids) -> np.ndarray:
+    """The case's label map as integers; all background for a case without a mask."""
+    if label_path is None:  # unlabelled import (e.g. DICOM studies for prediction)
+        return np.zeros(image.spatial_shape, dtype=np.uint8)
+    seg_image = _read(label_path)
+    if seg_image.n_channels != 1:
+        raise InputError(label_path, f"a mask must have one channel, found {seg_image.n_channels} "
+                                     "(colour mask? import it with --label-map)")
+    seg = seg_image.array[0]
+    if seg.shape != image.spatial_shape:
+        raise InputError(label_path, f"mask shape {list(seg.shape)} differs from the image's "
+                                     f"{list(image.spatial_shape)} ({image_paths[0]})")
+    return _integer_labels(seg, label_path, label_ids)
 
 
 def _read(path):

@@ -29,6 +29,7 @@ import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from autoplan import preprocessing
 from autoplan.errors import InputError
 from autoplan.jsonio import atomic_write_bytes, atomic_write_text, write_json
 from autoplan.runs import RunSpec, fold_dirs, load_trained
@@ -190,12 +191,6 @@ def sliding_window_predict(network, data, patch_size, n_classes: int, step: floa
 # ============================================================================ one case
 
 
-def _preprocessing():
-    import autoplan.preprocessing as preprocessing
-
-    return preprocessing
-
-
 def default_mirror_axes(spec: RunSpec, tta: bool):
     """All axes of the patch (as nnU-Net for isotropic data), or none without TTA."""
     return tuple(range(len(spec.configuration.patch_size))) if tta else None
@@ -208,7 +203,6 @@ def predict_case_probabilities(networks: list, spec: RunSpec, image, tta: bool =
     Exactly the training preprocessing, the sliding window with every network (the folds
     of an ensemble), probabilities averaged, then resampled back into the original grid.
     """
-    preprocessing = _preprocessing()
     configuration = spec.configuration
     data, _, properties = preprocessing.preprocess_case(image, None, configuration, case_id)
     mirror_axes = default_mirror_axes(spec, tta)
@@ -323,6 +317,11 @@ class InputCase:
     name: str                       # case id: the file stem (channel suffix removed)
     files: list = field(default_factory=list)   # one per channel file, or one DICOM folder
 
+    @property
+    def images(self) -> list:
+        """The name ``datasets.Case`` uses, so preprocessing's readers take an InputCase."""
+        return self.files
+
 
 def group_input_cases(paths) -> list:
     """Cases from image files and DICOM folders; ``CASE_0000``, ``CASE_0001``... form one case.
@@ -349,16 +348,7 @@ def group_input_cases(paths) -> list:
 
 def read_case(files, n_channels: int | None = None):
     """One ImageData from a case's channel files (channels stacked; geometry of the first)."""
-    from autoplan.io import read_image
-
-    parts = [read_image(path) for path in files]
-    image = parts[0]
-    for part in parts[1:]:
-        if part.spatial_shape != image.spatial_shape:
-            raise InputError(part.path, f"size {part.spatial_shape} differs from {files[0].name}'s "
-                                        f"{image.spatial_shape} (channel files of one case)")
-    if len(parts) > 1:
-        image.array = np.concatenate([p.array for p in parts], axis=0)
+    image = preprocessing.read_case_images(InputCase("", list(files)))
     if n_channels is not None and image.n_channels != n_channels:
         raise InputError(files[0], f"has {image.n_channels} channel(s); the model was trained on "
                                    f"{n_channels} (give one file per channel as CASE_0000, CASE_0001...)")
@@ -442,7 +432,6 @@ def classify_batch(network, batch, tta: bool = True, device="cpu") -> np.ndarray
 
 def classify_images(ensemble: Ensemble, images: list, tta: bool, device) -> np.ndarray:
     """Probabilities ``(N, K)`` of ImageData objects, averaged over the ensemble's folds."""
-    preprocessing = _preprocessing()
     configuration = ensemble.spec.configuration
     pixels = np.stack([preprocessing.load_classification_image(image, configuration) for image in images])
     batch = torch.from_numpy(np.asarray(preprocessing.normalize_classification_batch(pixels, configuration)))
@@ -534,10 +523,10 @@ def predict_folder(model_dir, input_dir, output_dir, tta: bool = True, device="c
     if not cases:
         raise InputError(input_dir, "holds no images (PNG/JPEG/TIFF/BMP, NIfTI/NRRD/MHA, or DICOM "
                                     "series folders)")
-    started = time.perf_counter()
     failures: list = []
     with _torch_threads(n_jobs):
         ensemble = load_ensemble(model_dir, device)
+        started = time.perf_counter()
         output_dir.mkdir(parents=True, exist_ok=True)
         if ensemble.spec.task_type == "classification":
             classes = list(ensemble.spec.classes)

@@ -34,7 +34,7 @@ def plan(dataset: Dataset, folders: Folders, device="cpu", gpu_memory_gb=None,
     from autoplan.planning import plan_dataset
 
     dataset_fingerprint = fingerprint(dataset, folders, n_jobs=n_jobs)
-    result = plan_dataset(dataset.name, dataset_fingerprint, device=device, gpu_memory_gb=gpu_memory_gb,
+    result = plan_dataset(dataset, dataset_fingerprint, device=device, gpu_memory_gb=gpu_memory_gb,
                           time_budget_minutes=time_budget_minutes, base_features=base_features or 32,
                           results_dir=folders.results)
     result.save(plans_path(dataset, folders))

@@ -122,6 +122,9 @@ GPU_ITERATION_OVERHEAD_S = 0.03
 
 PROBE_WARMUP = 2
 PROBE_TIMED = 3
+# A probe on a machine busy with something else can be 10x off; measured/analytic ratios
+# outside this range are clamped (and noted) rather than trusted.
+PROBE_RATIO_RANGE = (0.25, 4.0)
 CLASSIFIER_ARCHS = {"resnet18": ("basic", [2, 2, 2, 2]), "resnet34": ("basic", [3, 4, 6, 3]),
                     "resnet50": ("bottleneck", [3, 4, 6, 3])}
 
@@ -495,11 +498,13 @@ def measure_seconds_per_iteration(configuration: Configuration, device: str = "c
         for _ in range(PROBE_WARMUP):
             step()
         sync()
-        start = time.perf_counter()
-        for _ in range(PROBE_TIMED):
+        times = []
+        for _ in range(PROBE_TIMED):       # the median resists one iteration hit by another process
+            start = time.perf_counter()
             step()
-        sync()
-        return (time.perf_counter() - start) / PROBE_TIMED
+            sync()
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -517,6 +522,7 @@ class SpeedModel:
         self.cache = cache
         self.ratios = {}
         self.failure = None        # why the probe could not run (then everything is analytic)
+        self.clamped = []          # implausible measurements that were clamped
 
     @property
     def measured(self) -> bool:
@@ -536,12 +542,24 @@ class SpeedModel:
             measured = self._measure(reference)
             if measured is None:
                 return analytic
-            self.ratios[family] = measured / estimate_seconds_per_iteration(reference, self.device)
+            self.ratios[family] = self._clamped_ratio(measured, reference)
         return analytic * self.ratios[family]
 
     def final_seconds(self, configuration: Configuration) -> float:
         measured = self._measure(configuration) if self.cache is not None else None
-        return estimate_seconds_per_iteration(configuration, self.device) if measured is None else measured
+        analytic = estimate_seconds_per_iteration(configuration, self.device)
+        return analytic if measured is None else analytic * self._clamped_ratio(measured, configuration)
+
+    def _clamped_ratio(self, measured: float, configuration: Configuration) -> float:
+        analytic = estimate_seconds_per_iteration(configuration, self.device)
+        low, high = PROBE_RATIO_RANGE
+        ratio = measured / analytic
+        if not low <= ratio <= high:
+            self.clamped.append(f"probe measured {measured:.3f} s for {configuration.name} "
+                                f"(width {_base_width(configuration)}, batch {configuration.batch_size}), "
+                                f"{ratio:.2f}x the model: clamped to {min(max(ratio, low), high):g}x "
+                                f"(a busy machine?)")
+        return min(max(ratio, low), high)
 
     def _measure(self, configuration: Configuration) -> float | None:
         try:
@@ -1327,6 +1345,7 @@ def plan_dataset(dataset, fingerprint, device: str = "cpu", gpu_memory_gb: float
         notes += more
     if speed.failure:
         notes.append(speed.failure)
+    notes += sorted(set(speed.clamped))
     notes.append(f"default configuration: {default}")
     return Plan(dataset=name, task_type=fingerprint.task_type, device=device,
                 gpu_memory_gb=None if budget_gb is None else round(float(budget_gb), 3),

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,11 +348,23 @@ def _case_up_to_date(case, configuration, out_dir) -> bool:
     files = [out_dir / f"{case.id}.npy", out_dir / f"{case.id}_seg.npy", out_dir / f"{case.id}.json"]
     if not all(f.is_file() for f in files):
         return False
+    return _stored_stamp(files[2]) == preprocessing_stamp(configuration, _case_sources(case))
+
+
+_STAMP_PATTERN = re.compile(r'^  "stamp": "([0-9a-f]*)",?$', re.MULTILINE)
+
+
+def _stored_stamp(path):
+    """The stamp of a CASE.json; read from the file's head (the location lists can be MBs)."""
     try:
-        stamp = read_json(files[2]).get("stamp")
-    except (OSError, ValueError):
-        return False
-    return stamp == preprocessing_stamp(configuration, _case_sources(case))
+        with open(path, encoding="utf-8") as handle:
+            head = handle.read(4096)
+        found = _STAMP_PATTERN.search(head)
+        if found:
+            return found.group(1)
+        return read_json(path).get("stamp")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def read_case_images(case):

@@ -1,0 +1,226 @@
+"""Loaders: patch shapes, foreground oversampling, determinism, workers and their shutdown."""
+
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autoplan.loading import ClassificationLoader, SegmentationLoader
+from autoplan.planning import Configuration
+from autoplan.preprocessing import CaseProperties, sample_class_locations
+
+
+def configuration(patch_size=(16, 20, 16), dim=3, batch_size=6, name="3d_fullres", channels=1,
+                  normalization=None):
+    return Configuration(
+        name=name, dim=dim, patch_size=list(patch_size), batch_size=batch_size, spacing=[1.0] * dim,
+        network={}, normalization=normalization or [{"scheme": "zscore"}] * channels,
+        estimated_memory_gb=0.1, epochs=1, iterations_per_epoch=1, n_input_channels=channels, n_outputs=3)
+
+
+def write_cases(folder, n=5, shape=(20, 24, 22), seed=0):
+    """Preprocessed-looking cases: noise image, a small labelled box (sparse foreground)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = []
+    for i in range(n):
+        data = rng.normal(size=(1, *shape)).astype(np.float32)
+        seg = np.zeros((1, *shape), dtype=np.int16)
+        corner = [int(rng.integers(0, s - 3)) for s in shape]
+        seg[(0,) + tuple(slice(c, c + 3) for c in corner)] = 1 + i % 2
+        case_id = f"case{i}"
+        np.save(folder / f"{case_id}.npy", data)
+        np.save(folder / f"{case_id}_seg.npy", seg)
+        CaseProperties(case_id=case_id, original_shape=list(shape), original_spacing=[1.0] * len(shape),
+                       crop_bbox=[[0, s] for s in shape], shape_after_crop=list(shape),
+                       shape_after_resampling=list(shape),
+                       class_locations=sample_class_locations(seg[0])).save(folder / f"{case_id}.json")
+        ids.append(case_id)
+    return ids
+
+
+def child_pids():
+    pids = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            pids |= set((task / "children").read_text().split())
+        except OSError:
+            pass
+    return pids
+
+
+def wait_for_children(before, timeout=5.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline and child_pids() - before:
+        time.sleep(0.05)
+    return child_pids() - before
+
+
+def test_batches_shapes_and_foreground_oversampling(tmp_path):
+    ids = write_cases(tmp_path)
+    with SegmentationLoader(tmp_path, ids, configuration(), augment="none", n_workers=0) as loader:
+        for _ in range(5):
+            batch = next(loader)
+            assert set(batch) == {"data", "target"}
+            assert batch["data"].shape == (6, 1, 16, 20, 16) and batch["data"].dtype == np.float32
+            assert batch["target"].shape == (6, 1, 16, 20, 16) and batch["target"].dtype == np.int16
+            # the last third of the batch is centred on foreground
+            assert all(batch["target"][k].any() for k in (4, 5))
+
+
+def test_patch_larger_than_image_is_padded(tmp_path):
+    ids = write_cases(tmp_path, shape=(10, 12, 8))
+    with SegmentationLoader(tmp_path, ids, configuration(), augment="default", n_workers=0) as loader:
+        batch = next(loader)
+    assert batch["data"].shape == (6, 1, 16, 20, 16)
+    assert (batch["data"] == 0).any()  # padding
+
+
+def test_in_process_loading_is_deterministic_and_leaves_global_rng_alone(tmp_path):
+    ids = write_cases(tmp_path)
+    np.random.seed(123)
+    expected_next = np.random.RandomState(123).random_sample()
+    runs = []
+    for seed in (0, 0, 1):
+        with SegmentationLoader(tmp_path, ids, configuration(), augment="default", n_workers=0,
+                                seed=seed) as loader:
+            runs.append([next(loader) for _ in range(3)])
+    assert np.random.random_sample() == expected_next
+    for a, b in zip(runs[0], runs[1]):
+        np.testing.assert_array_equal(a["data"], b["data"])
+        np.testing.assert_array_equal(a["target"], b["target"])
+    assert not np.array_equal(runs[0][0]["data"], runs[2][0]["data"])
+
+
+def test_workers_produce_batches_and_close_cleanly(tmp_path):
+    ids = write_cases(tmp_path)
+    before = child_pids()
+    loader = SegmentationLoader(tmp_path, ids, configuration(), augment="default", n_workers=2)
+    batches = [next(loader) for _ in range(4)]
+    assert len(multiprocessing.active_children()) >= 2
+    assert all(b["data"].shape == (6, 1, 16, 20, 16) for b in batches)
+    loader.close()
+    loader.close()  # idempotent
+    assert not multiprocessing.active_children()
+    assert not wait_for_children(before)
+    with pytest.raises(StopIteration):
+        next(loader)
+
+
+def test_worker_error_raises_instead_of_hanging(tmp_path):
+    ids = write_cases(tmp_path, n=2)
+    before = child_pids()
+    (tmp_path / "case1.npy").write_bytes(b"not an array")
+    loader = SegmentationLoader(tmp_path, ids, configuration(), augment="none", n_workers=2)
+    start = time.time()
+    with pytest.raises(RuntimeError):
+        for _ in range(50):
+            next(loader)
+    assert time.time() - start < 30
+    loader.close()
+    assert not wait_for_children(before)
+
+
+def test_validation_pass_is_ordered_and_repeatable(tmp_path):
+    ids = write_cases(tmp_path, n=5)
+    passes = {}
+    for workers in (0, 2):
+        with SegmentationLoader(tmp_path, ids, configuration(), augment="none", batch_size=2,
+                                n_workers=workers, infinite=False) as loader:
+            passes[workers] = [[b["data"] for b in loader] for _ in range(2)]
+    assert [len(b) for b in passes[0][0]] == [2, 2, 1]
+    for workers in (0, 2):
+        for a, b in zip(passes[workers][0], passes[workers][1]):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(passes[0][0], passes[2][0]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_2d_configuration_on_volumes_samples_slices(tmp_path):
+    ids = write_cases(tmp_path, shape=(6, 24, 22))
+    with SegmentationLoader(tmp_path, ids, configuration(patch_size=(20, 16), dim=2, name="2d"),
+                            augment="default", n_workers=0) as loader:
+        batch = next(loader)
+    assert batch["data"].shape == (6, 1, 20, 16) and batch["target"].shape == (6, 1, 20, 16)
+    assert batch["target"][5].any()
+
+
+def classifier_configuration(batch_size=8):
+    return configuration(patch_size=(24, 24), dim=2, batch_size=batch_size, name="classifier", channels=3,
+                         normalization=[{"scheme": "rgb", "mean": 0.5, "std": 0.25}] * 3)
+
+
+def test_classification_loader(tmp_path):
+    from autoplan.preprocessing import normalize_classification_batch
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(40, 24, 24, 3), dtype=np.uint8)
+    labels = np.array([0] * 36 + [1] * 4)
+    np.save(tmp_path / "images.npy", images)
+    config = classifier_configuration()
+    indices = np.arange(40)
+    with ClassificationLoader(images, labels, indices, config, augment="default", balanced_sampling=True,
+                              n_workers=0) as loader:
+        targets = np.concatenate([next(loader)["target"] for _ in range(30)])
+        batch = next(loader)
+    assert batch["data"].shape == (8, 3, 24, 24) and batch["data"].dtype == np.float32
+    assert batch["target"].dtype == np.int64
+    assert 0.35 < targets.mean() < 0.65  # balanced despite 10 % minority
+
+    with ClassificationLoader(tmp_path / "images.npy", labels, indices[5:25], config, batch_size=8,
+                              n_workers=2, infinite=False) as loader:
+        batches = list(loader)
+    assert [len(b["target"]) for b in batches] == [8, 8, 4]
+    np.testing.assert_array_equal(np.concatenate([b["target"] for b in batches]), labels[5:25])
+    np.testing.assert_allclose(batches[0]["data"], normalize_classification_batch(images[5:13], config),
+                               atol=1e-6)
+
+
+def test_classification_workers_close(tmp_path):
+    images = np.zeros((10, 24, 24, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    before = child_pids()
+    loader = ClassificationLoader(tmp_path / "images.npy", np.arange(10) % 2, np.arange(10),
+                                  classifier_configuration(), n_workers=2)
+    assert next(loader)["data"].shape == (8, 3, 24, 24)
+    loader.close()
+    assert not wait_for_children(before)
+
+
+CTRL_C_SCRIPT = """
+import os, signal, sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_loading import child_pids, configuration
+from autoplan.loading import SegmentationLoader
+folder = Path({folder!r})
+ids = sorted(p.stem for p in folder.glob("*.json"))
+try:
+    with SegmentationLoader(folder, ids, configuration(), augment="default", n_workers=2) as loader:
+        for k in range(1000):
+            next(loader)
+            if k == 3:
+                os.killpg(os.getpgid(0), signal.SIGINT)   # Ctrl-C reaches the whole process group
+            time.sleep(0.01)
+except KeyboardInterrupt:
+    print("interrupted")
+deadline = time.time() + 5
+while child_pids() and time.time() < deadline:
+    time.sleep(0.05)
+print("children", len(child_pids()))
+"""
+
+
+def test_ctrl_c_stops_workers(tmp_path):
+    import subprocess
+    import sys
+
+    write_cases(tmp_path / "cases")
+    script = CTRL_C_SCRIPT.format(tests=str(Path(__file__).parent), folder=str(tmp_path / "cases"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+    assert "interrupted" in result.stdout, result.stderr[-2000:]
+    assert "children 0" in result.stdout, result.stdout + result.stderr[-2000:]
