@@ -94,11 +94,12 @@ GPU_ITERATIONS_PER_EPOCH = 250
 GPU_VAL_ITERATIONS = 50
 CPU_ITERATIONS_PER_EPOCH = 50       # short epochs on CPU: frequent checkpoints and curves
 CPU_VAL_ITERATIONS = 5
+MIN_EPOCHS = 10                     # a time budget is cut into at least this many epochs
 CPU_DEFAULT_BUDGET_MINUTES = 60.0   # CPU plan without a budget: the plan for 60 minutes
 VAL_ITERATION_COST = 0.35           # a validation iteration (forward only) vs a training one
 CPU_LOADER_OVERHEAD = 1.15          # augmentation competes with training for the same cores
 RESERVE_FRACTION = 0.10             # of the budget kept for final validation and the report
-RESERVE_MIN_SECONDS = 60.0
+RESERVE_MIN_SECONDS = 20.0          # small 2D validation sets take seconds; the loop measures the rest
 MIN_ITERATIONS = 500                # fewer optimiser steps than this barely trains a U-Net
 TARGET_EPOCHS_SEGMENTATION = 50.0   # "epochs-equivalent" of samples seen that we aim for
 TARGET_EPOCHS_CLASSIFICATION = 10.0
@@ -597,6 +598,12 @@ def fit_schedule(seconds_per_iteration: float, budget_minutes: float, iterations
                  val_iterations_per_epoch: int, max_epochs: int | None = None) -> Schedule:
     usable = training_seconds(budget_minutes)
     epoch_seconds = seconds_per_iteration * (iterations_per_epoch + VAL_ITERATION_COST * val_iterations_per_epoch)
+    if usable < MIN_EPOCHS * epoch_seconds:
+        # short budgets: shorter epochs, so the curves, the best-checkpoint choice and the
+        # stopping decision still have several epochs to work with
+        iterations_per_epoch = max(2, int(usable / (MIN_EPOCHS * seconds_per_iteration)
+                                          - VAL_ITERATION_COST * val_iterations_per_epoch))
+        epoch_seconds = seconds_per_iteration * (iterations_per_epoch + VAL_ITERATION_COST * val_iterations_per_epoch)
     epochs = max(1, int(usable // epoch_seconds))
     if max_epochs is not None:
         epochs = min(epochs, max_epochs)
@@ -911,10 +918,13 @@ def fit_unet_to_time(name, dim, spacing, median_shape, total_voxels, base_featur
                                           f"{chosen.configuration.batch_size}"), shrunk
         smaller = shrink_patch(spacing, topology, median_shape)
         if smaller is None:
-            best = max(all_candidates, key=lambda c: c.schedule.iterations)
+            # no patch size reaches enough steps: a tiny patch would only add context loss
+            # on top of too few steps, so keep the planned patch and take its most steps
+            first = [c for c in all_candidates if c.configuration.patch_size == reference.configuration.patch_size]
+            best = max(first or all_candidates, key=lambda c: c.schedule.iterations)
             return best, (f"CPU time budget too small for {MIN_ITERATIONS} iterations even with the "
-                          f"smallest patch and width: the most iterations possible "
-                          f"({best.schedule.iterations})"), True
+                          f"smallest patch and width: the planned patch with the most iterations possible "
+                          f"({best.schedule.iterations})"), reference.shrunk
         topology, shrunk = smaller, True
 
 

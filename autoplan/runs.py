@@ -79,6 +79,7 @@ def build_network(spec: RunSpec, deep_supervision: bool = False) -> torch.nn.Mod
             n_classes=spec.configuration.n_outputs,
             width=net.get("width", 64),
             dropout=spec.dropout,
+            blocks_per_stage=net.get("blocks_per_stage"),
         )
     from autoplan.nets.unet import build_unet
 
