@@ -20,8 +20,8 @@ def _default_workers() -> int:
     return 1 if (os.cpu_count() or 1) <= 2 else 2
 
 
-class SegmentationTask:
-    metric = "dice"             # the headline validation metric (pseudo-Dice on patches)
+class _Task:
+    """What both tasks hold: the run's spec, its fold and where its data is."""
 
     def __init__(self, spec: RunSpec, preprocessed_dir: Path, split: dict, raw_dataset, n_workers=None):
         self.spec = spec
@@ -30,6 +30,13 @@ class SegmentationTask:
         self.split = split
         self.dataset = raw_dataset
         self.n_workers = _default_workers() if n_workers is None else n_workers
+
+
+class SegmentationTask(_Task):
+    metric = "dice"             # the headline validation metric (pseudo-Dice on patches)
+
+    def __init__(self, spec: RunSpec, preprocessed_dir: Path, split: dict, raw_dataset, n_workers=None):
+        super().__init__(spec, preprocessed_dir, split, raw_dataset, n_workers)
         self.label_ids = [int(k) for k in spec.foreground_labels]
 
     # -- model and loss ---------------------------------------------------------------
@@ -107,18 +114,20 @@ class SegmentationTask:
     def final_validation(self, network, run_dir: Path, device, run_info: dict) -> dict:
         """Full images of the validation fold, in original geometry, then metrics and report."""
         from autoplan.evaluation import segmentation_case_metrics, summarize_segmentation
-        from autoplan.inference import apply_postprocessing, decide_postprocessing, predict_case_probabilities
-        from autoplan.io import read_image
+        from autoplan.inference import (apply_postprocessing, decide_postprocessing, predict_case_probabilities,
+                                        probabilities_to_labels)
+        from autoplan.preprocessing import read_case_images, read_case_labels
         from autoplan.report import write_segmentation_report
 
         network.eval()
+        label_ids = sorted(int(v) for v in self.spec.labels.values())
         predictions, references, spacings, images = [], [], [], []
         for case_id in self.split["val"]:
             case = self.dataset.case(case_id)
-            image = _read_case_image(case)
+            image = read_case_images(case)
             probabilities, _ = predict_case_probabilities([network], self.spec, image, tta=True, device=device)
-            predictions.append(np.asarray(probabilities).argmax(0).astype(np.int16))
-            references.append(read_image(case.label).array[0].astype(np.int16))
+            predictions.append(probabilities_to_labels(probabilities, self.spec).astype(np.int16))
+            references.append(read_case_labels(case, image, label_ids).astype(np.int16))
             spacings.append(list(image.spacing))
             images.append(image.array)
         self.spec.postprocessing = decide_postprocessing(predictions, references, self.label_ids, spacings)
@@ -136,17 +145,6 @@ class SegmentationTask:
         return metrics
 
 
-def _read_case_image(case):
-    """All channel files of a case as one ImageData (channels stacked)."""
-    from autoplan.io import read_image
-
-    parts = [read_image(path) for path in case.images]
-    if len(parts) == 1:
-        return parts[0]
-    parts[0].array = np.concatenate([p.array for p in parts], axis=0)
-    return parts[0]
-
-
 def _sample_cases(per_case, images, references, predictions, spacings, k=3):
     """Best, median and worst case by mean foreground Dice: what a reader wants to see."""
     def mean_dice(entry):
@@ -159,16 +157,11 @@ def _sample_cases(per_case, images, references, predictions, spacings, k=3):
              "prediction": predictions[i], "spacing": spacings[i]} for i in picks[:k]]
 
 
-class ClassificationTask:
+class ClassificationTask(_Task):
     metric = "balanced_accuracy"
 
     def __init__(self, spec: RunSpec, preprocessed_dir: Path, split: dict, raw_dataset, n_workers=None):
-        self.spec = spec
-        self.configuration = spec.configuration
-        self.preprocessed_dir = Path(preprocessed_dir)
-        self.split = split
-        self.dataset = raw_dataset
-        self.n_workers = _default_workers() if n_workers is None else n_workers
+        super().__init__(spec, preprocessed_dir, split, raw_dataset, n_workers)
         index = read_json(self.preprocessed_dir / "index.json")
         self.cases = index["cases"]
         self.labels = np.asarray(index["labels"], dtype=np.int64)

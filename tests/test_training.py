@@ -1,0 +1,221 @@
+"""Training: the shared loop on demo data (options, resume, seeds, DDP) and on real images."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autoplan import pipeline
+from autoplan.datasets import import_dataset
+from autoplan.demo import write_demo_sources
+from autoplan.paths import resolve_folders
+from autoplan.runs import RunSpec, TrainOptions
+from tests.conftest import shared_dataset
+
+TINY = dict(epochs=2, iterations_per_epoch=3, n_workers=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Demo datasets imported and planned once for the module (CPU plan, 2-minute budget)."""
+    root = tmp_path_factory.mktemp("demo")
+    sources = write_demo_sources(root / "sources", n_xray=16, n_derm_per_class=12)
+    folders = resolve_folders(root / "raw", root / "preprocessed", root / "results")
+    xray = import_dataset("DemoXRay", sources["xray_images"], folders.raw, masks_dir=sources["xray_masks"],
+                          label_map="128=lung,255=heart", quiet=True)
+    derm = import_dataset("DemoDerm", sources["derm_images"], folders.raw, labels_csv=sources["derm_labels"],
+                          id_column="image_id", label_column="dx", group_column="patient", quiet=True)
+    for dataset in (xray, derm):
+        pipeline.plan(dataset, folders, time_budget_minutes=2)
+    return {"folders": folders, "xray": xray, "derm": derm, "root": root, "sources": sources}
+
+
+def read_log(run_dir: Path) -> list:
+    with open(run_dir / "log.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def train(demo, dataset, **options):
+    runs = pipeline.train(demo[dataset], demo["folders"], TrainOptions(**{**TINY, **options}))
+    return Path(runs[0].run_dir), runs[0]
+
+
+def test_run_folder_holds_everything_the_contract_lists(demo):
+    run_dir, run = train(demo, "xray", run_name="contract")
+    for name in ("plan.json", "checkpoint_best.pt", "checkpoint_final.pt", "log.csv", "curves.png",
+                 "metrics.json", "report.html", "report.md", "run.json"):
+        assert (run_dir / name).is_file(), name
+    assert run_dir == demo["folders"].results / "DemoXRay" / "2d" / "contract" / "fold_0"
+    rows = read_log(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert {"train_loss", "val_loss", "val_dice", "lr", "seconds"} <= set(rows[0])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["mean"]) == {"1", "2"} and metrics["labels"] == {"1": "lung", "2": "heart"}
+    spec = RunSpec.load(run_dir / "plan.json")
+    assert spec.fold == 0 and spec.configuration.name == "2d" and set(spec.postprocessing) <= {"1", "2"}
+
+
+def test_ablation_options_each_get_their_own_run_folder(demo):
+    variants = [dict(loss="ce"), dict(loss="dice"), dict(dropout=0.2), dict(base_features=8),
+                dict(norm="batch"), dict(augment="light"), dict(optimizer="adam")]
+    run_dirs = [train(demo, "xray", epochs=1, iterations_per_epoch=2, **variant)[0] for variant in variants]
+    assert len(set(run_dirs)) == len(variants)
+    for run_dir in run_dirs:
+        assert (run_dir / "metrics.json").is_file()
+    batch_norm = torch.load(run_dirs[4] / "checkpoint_final.pt", weights_only=False)["model"]
+    assert any(key.endswith("running_mean") for key in batch_norm)
+    narrow = RunSpec.load(run_dirs[3] / "plan.json").configuration.network["features_per_stage"]
+    assert narrow[:2] == [8, 16]
+    assert RunSpec.load(run_dirs[2] / "plan.json").dropout == 0.2
+    assert RunSpec.load(run_dirs[1] / "plan.json").configuration.loss == "dice"
+
+
+def test_same_seed_same_losses_on_cpu(demo):
+    first = read_log(train(demo, "xray", run_name="seed_a", seed=3)[0])
+    second = read_log(train(demo, "xray", run_name="seed_b", seed=3)[0])
+    assert [r["train_loss"] for r in first] == [r["train_loss"] for r in second]
+
+
+def _cli(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "autoplan", *map(str, args)], **kwargs)
+
+
+def test_kill_minus_nine_then_resume_loses_at_most_one_epoch(demo):
+    folders = demo["folders"]
+    args = ["train", "DemoXRay", "--epochs", "6", "--iterations-per-epoch", "4", "--workers", "0",
+            "--run-name", "crash", "--device", "cpu", "--raw", folders.raw, "--results", folders.results,
+            "--preprocessed", folders.preprocessed]
+    run_dir = folders.results / "DemoXRay" / "2d" / "crash" / "fold_0"
+    process = _cli(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if (run_dir / "log.csv").is_file() and len(read_log(run_dir)) >= 2:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = torch.load(run_dir / "checkpoint_latest.pt", weights_only=False)["epoch"]
+    assert 1 <= done < 6
+    assert process.returncode != 0
+    resumed = _cli(*args, "--resume", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert f"resuming {run_dir} after epoch {done}" in output
+    rows = read_log(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((run_dir / "run.json").read_text())["epochs_completed"] == 6
+
+
+def test_time_budget_is_honoured(demo):
+    started = time.monotonic()
+    run_dir, run = train(demo, "xray", epochs=1000, iterations_per_epoch=5, time_budget_minutes=0.4,
+                         run_name="budget")
+    elapsed = time.monotonic() - started
+    assert run.stopped_by == "time_budget"
+    assert elapsed < 0.4 * 60 * 1.25 + 5      # validation and report included
+    lrs = [float(r["lr"]) for r in read_log(run_dir)]
+    assert lrs[-1] < lrs[0] * 0.5             # the schedule follows the budget, not the epoch cap
+
+
+def test_classification_runs_through_the_same_loop(demo):
+    run_dir, run = train(demo, "derm", epochs=2, iterations_per_epoch=4, loss="ce_focal", run_name="cls")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["task_type"] == "classification" and metrics["classes"] == ["blob", "ring", "speckle"]
+    assert (run_dir / "gradcam.png").is_file() and (run_dir / "roc.png").is_file()
+    assert "val_balanced_accuracy" in read_log(run_dir)[0]
+
+
+def test_torchrun_two_gloo_processes_stay_in_sync(demo):
+    folders = demo["folders"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               "29531", "-m", "autoplan", "train", "DemoXRay", "--epochs", "2", "--iterations-per-epoch", "3",
+               "--workers", "0", "--run-name", "ddp", "--device", "cpu", "--raw", str(folders.raw),
+               "--results", str(folders.results), "--preprocessed", str(folders.preprocessed)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = list((folders.results / "DemoXRay" / "2d").glob("ddp*"))
+    assert len(runs) == 1
+    run = json.loads((runs[0] / "fold_0" / "run.json").read_text())
+    assert run["world_size"] == 2
+    assert run["parameter_checksums"][0] == pytest.approx(run["parameter_checksums"][1], rel=0, abs=0)
+
+
+@pytest.mark.realdata
+def test_jsrt_training_lowers_the_loss_and_segments_the_lungs(tmp_path):
+    """40 real chest X-rays, a short CPU run: the loss falls and lung Dice exceeds 0.8."""
+    root = shared_dataset("jsrt_lungs")
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    for path in sorted((root / "images").glob("*.png"))[:40]:
+        (images / path.name).symlink_to(path)
+        (masks / path.name).symlink_to(root / "masks" / path.name)
+    folders = resolve_folders(tmp_path / "raw", tmp_path / "pre", tmp_path / "results")
+    dataset = import_dataset("TaskXRay", images, folders.raw, masks_dir=masks,
+                             label_map="150=right_lung,200=left_lung,250=heart", quiet=True)
+    pipeline.plan(dataset, folders, time_budget_minutes=1.5)
+    runs = pipeline.train(dataset, folders, TrainOptions(time_budget_minutes=1.5, device="cpu"))
+    run_dir = Path(runs[0].run_dir)
+    losses = [float(r["train_loss"]) for r in read_log(run_dir)]
+    assert losses[-1] < losses[0]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    lungs = np.mean([metrics["mean"]["1"]["dice"], metrics["mean"]["2"]["dice"]])
+    assert lungs > 0.8, metrics["mean"]
+
+
+@pytest.mark.realdata
+def test_ham10000_training_beats_the_majority_class(tmp_path):
+    """A few hundred real dermoscopy images: the loss falls, balanced accuracy beats 1/7."""
+    import csv as csv_module
+
+    root = shared_dataset("ham10000")
+    with open(root / "HAM10000_metadata.csv") as handle:
+        rows = list(csv_module.DictReader(handle))
+    rng = np.random.default_rng(0)
+    chosen = []
+    for label in sorted({r["dx"] for r in rows}):
+        of_class = [r for r in rows if r["dx"] == label]
+        chosen += [of_class[i] for i in rng.permutation(len(of_class))[:50]]
+    images = tmp_path / "images"
+    images.mkdir()
+    for row in chosen:
+        (images / f"{row['image_id']}.jpg").symlink_to(root / "images" / f"{row['image_id']}.jpg")
+    table = tmp_path / "labels.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv_module.DictWriter(handle, fieldnames=["image_id", "dx", "lesion_id"])
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in ("image_id", "dx", "lesion_id")} for r in chosen)
+    folders = resolve_folders(tmp_path / "raw", tmp_path / "pre", tmp_path / "results")
+    dataset = import_dataset("TaskDerm", images, folders.raw, labels_csv=table, id_column="image_id",
+                             label_column="dx", group_column="lesion_id", quiet=True)
+    pipeline.plan(dataset, folders, time_budget_minutes=1.5)
+    runs = pipeline.train(dataset, folders, TrainOptions(time_budget_minutes=1.5, device="cpu"))
+    run_dir = Path(runs[0].run_dir)
+    losses = [float(r["train_loss"]) for r in read_log(run_dir)]
+    assert losses[-1] < losses[0]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["balanced_accuracy"] > 1 / 7 + 0.1, metrics["balanced_accuracy"]
+
+
+def test_sweep_trains_every_combination_and_compares(demo, capsys):
+    from autoplan.cli import main
+
+    folders = demo["folders"]
+    code = main(["sweep", "DemoXRay", "--loss", "ce,dice", "--epochs", "1", "--iterations-per-epoch", "2",
+                 "--workers", "0", "--device", "cpu", "--raw", str(folders.raw), "--results", str(folders.results),
+                 "--preprocessed", str(folders.preprocessed)])
+    assert code == 0
+    table = (folders.results / "DemoXRay" / "sweep" / "compare.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert len(rows) == 4                 # header, rule, one row per loss
+    assert "loss" in rows[0] and "ce" in rows[2] and "dice" in rows[3]
+    assert (folders.results / "DemoXRay" / "sweep" / "curves.png").is_file()
