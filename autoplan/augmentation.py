@@ -65,8 +65,16 @@ def uses_slice_augmentation(patch_size, dim) -> bool:
     return dim == 3 and max(patch_size) / patch_size[0] > ANISOTROPIC_PATCH_RATIO
 
 
-def rotation_ranges(preset, patch_size, dim) -> dict:
-    """Rotation interval (radians) about each axis for ``preset``."""
+def rotation_ranges(preset, patch_size, dim, max_rotation_degrees=None) -> dict:
+    """Rotation interval (radians) about each axis for ``preset``, capped at ``max_rotation_degrees``."""
+    ranges = _preset_rotation_ranges(preset, patch_size, dim)
+    if max_rotation_degrees is None:
+        return ranges
+    cap = np.radians(max_rotation_degrees)
+    return {axis: (max(low, -cap), min(high, cap)) for axis, (low, high) in ranges.items()}
+
+
+def _preset_rotation_ranges(preset, patch_size, dim) -> dict:
     zero = (0.0, 0.0)
     if preset == "light":
         return {"x": _radians(LIGHT_ROTATION_DEG), "y": zero if dim == 2 else _radians(LIGHT_ROTATION_DEG),
@@ -114,13 +122,13 @@ def _rotation_3d(ax, ay, az):
     return rz @ ry @ rx
 
 
-def sampling_patch_size(preset, patch_size, dim) -> list:
+def sampling_patch_size(preset, patch_size, dim, max_rotation_degrees=None) -> list:
     """Size of the patch the loader must cut so that augmentation never samples outside it."""
     _check_preset(preset)
     patch_size = [int(p) for p in patch_size]
     if preset == "none":
         return patch_size
-    ranges = rotation_ranges(preset, patch_size, dim)
+    ranges = rotation_ranges(preset, patch_size, dim, max_rotation_degrees)
     if preset == "default":
         if uses_slice_augmentation(patch_size, dim):
             inplane = _rotated_extent(patch_size[1:], ranges) / SAMPLING_SCALE[0]
@@ -169,19 +177,28 @@ class SegToTarget(AbstractTransform):
         return data_dict
 
 
-def segmentation_transforms(preset, patch_size, dim) -> Compose:
-    """batchgenerators pipeline for ``preset`` ('default' | 'light' | 'none')."""
+def segmentation_transforms(preset, patch_size, dim, mirror_axes=None, max_rotation_degrees=None) -> Compose:
+    """batchgenerators pipeline for ``preset`` ('default' | 'light' | 'none').
+
+    ``mirror_axes`` (None: every axis) and ``max_rotation_degrees`` come from the plan: a
+    dataset whose labels name a side (left/right) must not be mirrored across it.
+    """
     _check_preset(preset)
     patch_size = [int(p) for p in patch_size]
+    mirror_axes = tuple(range(dim)) if mirror_axes is None else tuple(int(a) for a in mirror_axes)
     if preset == "none":
         return Compose([SegToTarget()])
     if preset == "light":
-        return Compose(_light_transforms(patch_size, dim) + [SegToTarget()])
-    return Compose(_default_transforms(patch_size, dim) + [SegToTarget()])
+        return Compose(_light_transforms(patch_size, dim, mirror_axes, max_rotation_degrees) + [SegToTarget()])
+    return Compose(_default_transforms(patch_size, dim, mirror_axes, max_rotation_degrees) + [SegToTarget()])
 
 
-def _default_transforms(patch_size, dim) -> list:
-    ranges = rotation_ranges("default", patch_size, dim)
+def _mirror(axes) -> list:
+    return [MirrorTransform(tuple(axes))] if axes else []
+
+
+def _default_transforms(patch_size, dim, mirror_axes, max_rotation_degrees) -> list:
+    ranges = rotation_ranges("default", patch_size, dim, max_rotation_degrees)
     slices = uses_slice_augmentation(patch_size, dim)
     spatial = SpatialTransform(
         patch_size[1:] if slices else patch_size,
@@ -210,15 +227,14 @@ def _default_transforms(patch_size, dim) -> list:
                        p_per_sample=0.1),
         GammaTransform((0.7, 1.5), invert_image=False, per_channel=True, retain_stats=True,
                        p_per_sample=0.3),
-        MirrorTransform(tuple(range(dim))),
-    ]
+    ] + _mirror(mirror_axes)
     return transforms
 
 
-def _light_transforms(patch_size, dim) -> list:
-    sampled = np.asarray(sampling_patch_size("light", patch_size, dim), dtype=float)
+def _light_transforms(patch_size, dim, mirror_axes, max_rotation_degrees) -> list:
+    sampled = np.asarray(sampling_patch_size("light", patch_size, dim, max_rotation_degrees), dtype=float)
     shift = np.ceil(LIGHT_SHIFT * np.asarray(patch_size))
-    ranges = rotation_ranges("light", patch_size, dim)
+    ranges = rotation_ranges("light", patch_size, dim, max_rotation_degrees)
     spatial = SpatialTransform(
         patch_size,
         # The centre moves uniformly within ±shift of the sampled patch's centre.
@@ -230,7 +246,7 @@ def _light_transforms(patch_size, dim) -> list:
         border_mode_seg="constant", border_cval_seg=0, order_seg=1,
         random_crop=True, p_el_per_sample=0, p_scale_per_sample=1, p_rot_per_sample=1,
     )
-    return [spatial, MirrorTransform((dim - 1,))]
+    return [spatial] + _mirror([dim - 1] if dim - 1 in mirror_axes else [])
 
 
 # ----------------------------------------------------------------------------- classification

@@ -213,8 +213,9 @@ def parse_label_map(text) -> dict:
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", name) or name == "background":
             raise InputError(None, f"label name {name!r} must be letters, digits, _ or - "
                                    "(and not 'background')")
-        if value in label_map or name in label_map.values():
-            raise InputError(None, f"label map repeats value {value} or name {name!r}")
+        if value in label_map:
+            raise InputError(None, f"label map repeats value {value}")
+        # a name may take several values: "150=lung,200=lung" merges both lungs into one label
         label_map[value] = name
     if not label_map:
         raise InputError(None, "empty label map")
@@ -681,8 +682,9 @@ def _label_ids_from(label_map: dict | None, inspections, task_type: str) -> tupl
             label_map = {values[0]: "foreground"}
         else:
             label_map = {v: f"label_{v}" for v in values}
-    value_to_id = {value: index for index, value in enumerate(label_map, start=1)}
-    labels = {"background": 0, **{name: value_to_id[v] for v, name in label_map.items()}}
+    names = list(dict.fromkeys(label_map.values()))           # first appearance gives the id
+    value_to_id = {value: names.index(name) + 1 for value, name in label_map.items()}
+    labels = {"background": 0, **{name: index for index, name in enumerate(names, start=1)}}
     return value_to_id, labels
 
 

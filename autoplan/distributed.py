@@ -42,7 +42,10 @@ def wrap(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         return network
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
+    # the lowest deep-supervision head has loss weight 0 and frozen ResNet stages get no
+    # gradient: DDP must not wait for those parameters
+    return DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:

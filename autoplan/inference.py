@@ -192,8 +192,11 @@ def sliding_window_predict(network, data, patch_size, n_classes: int, step: floa
 
 
 def default_mirror_axes(spec: RunSpec, tta: bool):
-    """All axes of the patch (as nnU-Net for isotropic data), or none without TTA."""
-    return tuple(range(len(spec.configuration.patch_size))) if tta else None
+    """The axes training mirrored (the plan's ``mirror_axes``; None there means all), or none without TTA."""
+    if not tta:
+        return None
+    axes = getattr(spec.configuration, "mirror_axes", None)
+    return tuple(range(len(spec.configuration.patch_size))) if axes is None else tuple(axes)
 
 
 def predict_case_probabilities(networks: list, spec: RunSpec, image, tta: bool = True, device="cpu",

@@ -243,10 +243,13 @@ class SegmentationLoader(_BatchStream):
         self.patch_size = patch_size
         self.batch_size = int(batch_size or configuration.batch_size)
         cases = _SegmentationCases(preprocessed_dir, case_ids)
-        sample_size = sampling_patch_size(augment, patch_size, configuration.dim)
+        max_rotation = getattr(configuration, "max_rotation_degrees", None)
+        sample_size = sampling_patch_size(augment, patch_size, configuration.dim, max_rotation)
         sampler = _PatchSampler(cases, sample_size, configuration.dim, self.batch_size,
                                 oversample_foreground, seed, infinite)
-        transform = _DropKeys(segmentation_transforms(augment, patch_size, configuration.dim), ("case_ids",))
+        transform = _DropKeys(segmentation_transforms(augment, patch_size, configuration.dim,
+                                                      getattr(configuration, "mirror_axes", None), max_rotation),
+                              ("case_ids",))
         self._start(sampler, transform, n_workers, seed)
 
 

@@ -19,6 +19,7 @@ more than 5% of the dataset) with two changes:
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -54,6 +55,8 @@ class Configuration:
     n_input_channels: int = 1
     n_outputs: int = 2                 # segmentation: labels incl. background; classifier: classes
     reasons: dict = field(default_factory=dict)     # field name -> why it was chosen
+    mirror_axes: list | None = None    # axes augmentation and TTA may mirror (None: every axis)
+    max_rotation_degrees: float | None = None       # cap on augmentation rotation (None: the preset's)
     # added by the planner (defaults keep older plans loadable)
     median_image_size: list = field(default_factory=list)   # median shape at the target spacing
     samples_seen_epochs: float | None = None        # epochs × its × batch × patch / training voxels
@@ -104,6 +107,7 @@ MIN_ITERATIONS = 500                # fewer optimiser steps than this barely tra
 TARGET_EPOCHS_SEGMENTATION = 50.0   # "epochs-equivalent" of samples seen that we aim for
 TARGET_EPOCHS_CLASSIFICATION = 10.0
 MIN_CPU_FEATURES = 16               # narrower U-Nets lose too much capacity
+LAST_RESORT_FEATURES = 8            # only when 16 cannot make MIN_ITERATIONS in the budget
 TRAIN_FRACTION = 0.8                # 5-fold cross-validation trains on 4/5 of the cases
 
 # Analytic CPU speed, calibrated on the timings in /work/shared/design/environment.md
@@ -889,8 +893,11 @@ def fit_unet_to_time(name, dim, spacing, median_shape, total_voxels, base_featur
                      n_outputs, budget_minutes, speed: SpeedModel) -> tuple[Candidate, str, bool]:
     """CPU: the widest U-Net and largest batch whose schedule fits the budget and sees enough data.
 
-    Starts from the patch a default 8 GB GPU plan uses; the patch shrinks only when even
-    the narrowest width at batch 2 cannot make MIN_ITERATIONS iterations.
+    Starts from the patch a default 8 GB GPU plan uses. When even the narrowest width at
+    batch 2 cannot make MIN_ITERATIONS iterations, a last-resort width of 8 is tried, then
+    (3D only) the patch shrinks. A 2D patch never shrinks: 2D images are small enough to
+    see whole, and a network trained on crops of them loses the context it needs on the
+    full image.
     """
     reference = fit_unet_to_memory(name, dim, spacing, median_shape, total_voxels, REFERENCE_GPU_GB,
                                    base_features, in_channels, n_outputs, "fp16", "cuda")
@@ -898,32 +905,37 @@ def fit_unet_to_time(name, dim, spacing, median_shape, total_voxels, base_featur
     train_voxels = total_voxels * TRAIN_FRACTION
     ram = _ram_limit_gb()
     shrunk = reference.shrunk
-    all_candidates = []
-    while True:
-        candidates = []
+
+    def candidates_for(widths):
+        found = []
         cap = batch_cap(total_voxels, topology.patch_size, dim)
-        for width in _cpu_widths(base_features):
+        for width in widths:
             for batch in _batch_candidates(cap):
                 config = _unet_configuration(name, dim, topology, spacing, batch, width, in_channels,
                                              n_outputs, median_shape)
-                if estimate_training_memory_gb(config, "fp32", "cpu") > ram:
-                    continue
-                candidates.append(_evaluate(config, speed, budget_minutes, train_voxels,
-                                            float(np.prod(topology.patch_size))))
-        all_candidates += candidates
-        chosen, why = _choose(candidates, TARGET_EPOCHS_SEGMENTATION)
-        if chosen is not None:
-            return chosen, _tradeoff_text(candidates, chosen, TARGET_EPOCHS_SEGMENTATION, why,
-                                          f"base width {_base_width(chosen.configuration)}, batch "
-                                          f"{chosen.configuration.batch_size}"), shrunk
-        smaller = shrink_patch(spacing, topology, median_shape)
+                if estimate_training_memory_gb(config, "fp32", "cpu") <= ram:
+                    found.append(_evaluate(config, speed, budget_minutes, train_voxels,
+                                           float(np.prod(topology.patch_size))))
+        return found
+
+    all_candidates = []
+    while True:
+        for widths in (_cpu_widths(base_features), [w for w in (LAST_RESORT_FEATURES,) if w < base_features]):
+            candidates = candidates_for(widths)
+            all_candidates += candidates
+            chosen, why = _choose(candidates, TARGET_EPOCHS_SEGMENTATION)
+            if chosen is not None:
+                return chosen, _tradeoff_text(candidates, chosen, TARGET_EPOCHS_SEGMENTATION, why,
+                                              f"base width {_base_width(chosen.configuration)}, batch "
+                                              f"{chosen.configuration.batch_size}"), shrunk
+        smaller = shrink_patch(spacing, topology, median_shape) if dim == 3 else None
         if smaller is None:
             # no patch size reaches enough steps: a tiny patch would only add context loss
             # on top of too few steps, so keep the planned patch and take its most steps
             first = [c for c in all_candidates if c.configuration.patch_size == reference.configuration.patch_size]
             best = max(first or all_candidates, key=lambda c: c.schedule.iterations)
             return best, (f"CPU time budget too small for {MIN_ITERATIONS} iterations even with the "
-                          f"smallest patch and width: the planned patch with the most iterations possible "
+                          f"narrowest width: the planned patch with the most iterations possible "
                           f"({best.schedule.iterations})"), reference.shrunk
         topology, shrunk = smaller, True
 
@@ -1079,9 +1091,39 @@ def plan_segmentation(name, dataset, fingerprint, device, budget_gb, budget_minu
                                     f"in-plane axes of the 3D target spacing {spacing}")
     config_2d.reasons["batch_dice"] = "Dice over the whole batch (nnU-Net's 2d default)"
     configurations["2d"] = config_2d
+    for configuration in configurations.values():
+        _respect_label_sides(configuration, dataset, fingerprint)
     ordered = {k: configurations[k] for k in ("2d", "3d_lowres", "3d_fullres") if k in configurations}
     default = "3d_fullres" if fingerprint.dim == 3 else "2d"
     return ordered, default, notes
+
+
+SIDE_WORDS = re.compile(r"(^|[^a-z])(left|right)([^a-z]|$)", re.IGNORECASE)
+LATERAL_MAX_ROTATION = 15.0
+
+
+def _label_names(dataset, fingerprint) -> list:
+    if dataset is not None and not isinstance(dataset, str) and getattr(dataset, "labels", None):
+        return [name for name, value in dataset.labels.items() if value != 0]
+    return [stats.name for stats in (fingerprint.labels or {}).values()]
+
+
+def _respect_label_sides(configuration: Configuration, dataset, fingerprint) -> None:
+    """Labels that name a side (left/right lung) must not be mirrored across the body.
+
+    Mirroring the last array axis (x: left-right in radiographs and axial volumes) or
+    rotating by up to 180 degrees turns a right lung into a left one, so the targets would
+    contradict each other; mirroring stays on the other axes and rotation is capped.
+    """
+    sided = [name for name in _label_names(dataset, fingerprint) if SIDE_WORDS.search(name)]
+    if not sided:
+        configuration.reasons["mirror_axes"] = "every axis (no label names a side)"
+        return
+    configuration.mirror_axes = list(range(configuration.dim - 1))
+    configuration.max_rotation_degrees = LATERAL_MAX_ROTATION
+    configuration.reasons["mirror_axes"] = (
+        f"labels {', '.join(sided)} name a side: no mirroring along x (it would swap them) "
+        f"and rotation capped at {LATERAL_MAX_ROTATION:g} degrees, in training and TTA")
 
 
 def _plan_lowres(spacing, median, n_cases, fullres, common, budget_gb, base_features, in_channels,

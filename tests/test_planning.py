@@ -385,3 +385,24 @@ def test_memory_model_counts_what_the_real_unet_makes():
     assert sum(layer.params for layer in layers) == sum(p.numel() for p in net.parameters())
     # more memory with a larger batch, fp32 above fp16 activations
     assert estimate_training_memory_gb(replace(config, batch_size=4)) > estimate_training_memory_gb(config)
+
+
+def test_labels_that_name_a_side_are_never_mirrored_across_it():
+    from autoplan.augmentation import segmentation_transforms
+    from autoplan.datasets import Dataset
+
+    fingerprint = jsrt_fingerprint()
+    sided = Dataset(name="TaskXRay", root=None, task_type="segmentation", channel_names={"0": "xray"},
+                    labels={"background": 0, "right_lung": 1, "left_lung": 2, "heart": 3}, file_ending=".png")
+    plan = plan_dataset(sided, fingerprint, device="cuda", gpu_memory_gb=8, probe=False)
+    config = plan.configurations["2d"]
+    assert config.mirror_axes == [0] and config.max_rotation_degrees == 15
+    assert "right_lung" in config.reasons["mirror_axes"]
+    mirrors = [t for t in segmentation_transforms("default", config.patch_size, 2, config.mirror_axes,
+                                                  config.max_rotation_degrees).transforms
+               if type(t).__name__ == "MirrorTransform"]
+    assert [m.axes for m in mirrors] == [(0,)]
+    unsided = Dataset(name="TaskX", root=None, task_type="segmentation", channel_names={"0": "xray"},
+                      labels={"background": 0, "lungs": 1, "heart": 2}, file_ending=".png")
+    assert plan_dataset(unsided, fingerprint, device="cuda", gpu_memory_gb=8, probe=False) \
+        .configurations["2d"].mirror_axes is None

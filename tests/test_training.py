@@ -160,16 +160,19 @@ def test_jsrt_training_lowers_the_loss_and_segments_the_lungs(tmp_path):
         (images / path.name).symlink_to(path)
         (masks / path.name).symlink_to(root / "masks" / path.name)
     folders = resolve_folders(tmp_path / "raw", tmp_path / "pre", tmp_path / "results")
+    # both lungs as one label (the dataset's binary lung mask {150, 200}), and the heart
     dataset = import_dataset("TaskXRay", images, folders.raw, masks_dir=masks,
-                             label_map="150=right_lung,200=left_lung,250=heart", quiet=True)
+                             label_map="150=lung,200=lung,250=heart", quiet=True)
+    assert dataset.labels == {"background": 0, "lung": 1, "heart": 2}
     pipeline.plan(dataset, folders, time_budget_minutes=1.5)
-    runs = pipeline.train(dataset, folders, TrainOptions(time_budget_minutes=1.5, device="cpu"))
+    # 90 seconds of CPU: Adam and light augmentation converge faster than the nnU-Net defaults
+    options = TrainOptions(time_budget_minutes=1.5, device="cpu", optimizer="adam", augment="light")
+    runs = pipeline.train(dataset, folders, options)
     run_dir = Path(runs[0].run_dir)
     losses = [float(r["train_loss"]) for r in read_log(run_dir)]
     assert losses[-1] < losses[0]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    lungs = np.mean([metrics["mean"]["1"]["dice"], metrics["mean"]["2"]["dice"]])
-    assert lungs > 0.8, metrics["mean"]
+    assert metrics["mean"]["1"]["dice"] > 0.8, metrics["mean"]
 
 
 @pytest.mark.realdata
