@@ -98,6 +98,7 @@ GPU_VAL_ITERATIONS = 50
 CPU_ITERATIONS_PER_EPOCH = 50       # short epochs on CPU: frequent checkpoints and curves
 CPU_VAL_ITERATIONS = 5
 MIN_EPOCHS = 10                     # a time budget is cut into at least this many epochs
+CPU_REFIT_ROUNDS = 3                # choose, measure the choice, choose again if it was off
 CPU_DEFAULT_BUDGET_MINUTES = 60.0   # CPU plan without a budget: the plan for 60 minutes
 VAL_ITERATION_COST = 0.35           # a validation iteration (forward only) vs a training one
 CPU_LOADER_OVERHEAD = 1.15          # augmentation competes with training for the same cores
@@ -519,13 +520,17 @@ class SpeedModel:
 
     The probe measures one candidate per network width (at the smallest batch) and the
     ratio measured/analytic rescales the analytic estimate of the same width at other
-    batch sizes; the chosen candidate is then measured itself.
+    batch sizes; the chosen candidate is then measured itself, and that exact figure
+    replaces the scaled estimate wherever the same candidate is considered again (CPU
+    time per sample is not constant in the batch size, so a choice can change once
+    measured: see ``plan_unet_configuration``).
     """
 
     def __init__(self, device: str, cache: ThroughputCache | None):
         self.device = device
         self.cache = cache
         self.ratios = {}
+        self.exact = {}            # candidate key -> clamped measured seconds
         self.failure = None        # why the probe could not run (then everything is analytic)
         self.clamped = []          # implausible measurements that were clamped
 
@@ -541,6 +546,8 @@ class SpeedModel:
         analytic = estimate_seconds_per_iteration(configuration, self.device)
         if self.cache is None:
             return analytic
+        if self._key(configuration) in self.exact:
+            return self.exact[self._key(configuration)]
         family = self._family(configuration)
         if family not in self.ratios:
             reference = replace(configuration, batch_size=MIN_BATCH)
@@ -550,10 +557,17 @@ class SpeedModel:
             self.ratios[family] = self._clamped_ratio(measured, reference)
         return analytic * self.ratios[family]
 
+    def _key(self, configuration):
+        return json.dumps([self._family(configuration), configuration.batch_size, configuration.patch_size])
+
     def final_seconds(self, configuration: Configuration) -> float:
         measured = self._measure(configuration) if self.cache is not None else None
         analytic = estimate_seconds_per_iteration(configuration, self.device)
-        return analytic if measured is None else analytic * self._clamped_ratio(measured, configuration)
+        if measured is None:
+            return analytic
+        seconds = analytic * self._clamped_ratio(measured, configuration)
+        self.exact[self._key(configuration)] = seconds
+        return seconds
 
     def _clamped_ratio(self, measured: float, configuration: Configuration) -> float:
         analytic = estimate_seconds_per_iteration(configuration, self.device)
@@ -983,11 +997,17 @@ def plan_unet_configuration(name, dim, spacing, median_shape, total_voxels, *, d
                             speed, normalization, normalization_reason) -> Configuration:
     reasons = {}
     if device == "cpu":
-        candidate, tradeoff, shrunk = fit_unet_to_time(name, dim, spacing, median_shape, total_voxels,
-                                                       base_features, in_channels, n_outputs,
-                                                       budget_minutes, speed)
-        candidate = _finalise_cpu_schedule(candidate, speed, budget_minutes, total_voxels * TRAIN_FRACTION,
-                                           float(np.prod(candidate.configuration.patch_size)))
+        for _ in range(CPU_REFIT_ROUNDS):
+            candidate, tradeoff, shrunk = fit_unet_to_time(name, dim, spacing, median_shape, total_voxels,
+                                                           base_features, in_channels, n_outputs,
+                                                           budget_minutes, speed)
+            predicted = candidate.schedule.seconds_per_iteration
+            candidate = _finalise_cpu_schedule(candidate, speed, budget_minutes, total_voxels * TRAIN_FRACTION,
+                                               float(np.prod(candidate.configuration.patch_size)))
+            # the chosen candidate measured itself: if it is much slower than scaled from
+            # the smaller-batch probe, choose again with that figure in hand
+            if candidate.schedule.seconds_per_iteration <= predicted * 1.15:
+                break
         config, schedule = candidate.configuration, candidate.schedule
         memory = estimate_training_memory_gb(config, "fp32", "cpu")
         patch = config.patch_size
