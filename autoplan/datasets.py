@@ -190,6 +190,26 @@ class _WriteJob:
     mask_lookup: dict | None          # source value -> label id; None: copy the mask unchanged
 
 
+# Public datasets whose terms ask every report about them to cite the sources.
+KNOWN_CITATIONS = {
+    "jsrt": "JSRT database: Shiraishi et al., AJR 174:71-74, 2000. SCR masks: van Ginneken et al., "
+            "Medical Image Analysis 10(1):19-40, 2006.",
+    "ham10000": "HAM10000: Tschandl, Rosendahl and Kittler, Scientific Data 5:180161, 2018 "
+                "(ISIC 2018 challenge data).",
+    "hippocampus": "Medical Segmentation Decathlon, Task04 Hippocampus: Simpson et al., arXiv:1902.09063, "
+                   "2019; Antonelli et al., Nature Communications 13:4128, 2022.",
+}
+
+
+def known_citation(source) -> str | None:
+    """The citation a known public dataset asks for, recognised from its source path."""
+    text = str(Path(source).resolve()).lower() if source else ""
+    for key, citation in KNOWN_CITATIONS.items():
+        if key in text:
+            return citation
+    return None
+
+
 def parse_label_map(text) -> dict:
     """``"150=right_lung,200=left_lung"`` -> ``{150: "right_lung", 200: "left_lung"}`` (in order)."""
     if isinstance(text, dict):
@@ -290,6 +310,9 @@ def import_dataset(
             "converted_grey_to_rgb": sorted(to_rgb),
         },
     }
+    citation = known_citation(images_dir)
+    if citation:
+        description["citation"] = citation
     with _building_folder(raw_root, name, overwrite) as building:
         write_jobs = [
             _WriteJob(case=job, root=building, ending=ending,

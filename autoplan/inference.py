@@ -613,7 +613,7 @@ def _run_info(ensemble: Ensemble, dataset, tta: bool, device) -> dict:
             "options": spec.options.__dict__, "folds": [str(f) for f in ensemble.fold_dirs],
             "fold": spec.fold if len(ensemble.fold_dirs) == 1 else "ensemble",
             "tta": tta, "device": str(device), "postprocessing": spec.postprocessing,
-            "evaluation": True}
+            "evaluation": True, "citations": dataset.description.get("citation")}
 
 
 def _check_dataset_fits(spec: RunSpec, dataset) -> None:

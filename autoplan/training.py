@@ -381,7 +381,8 @@ class TrainingLoop:
                     "options": _as_dict(self.spec.options), "fold": self.spec.fold,
                     "device": str(self.device), "epochs_completed": self.epoch,
                     "iterations": self.iterations, "best_epoch": self.best_epoch,
-                    "train_minutes": round(self.train_seconds / 60, 2), "stopped_by": self.stopped_by}
+                    "train_minutes": round(self.train_seconds / 60, 2), "stopped_by": self.stopped_by,
+                    "citations": self.task.dataset.description.get("citation")}
         return self.task.final_validation(distributed.unwrap(self.network), self.run_dir, self.device, run_info)
 
 

@@ -270,3 +270,18 @@ def test_dicom_series_with_missing_slice(tmp_path):
     with pytest.raises(InputError, match="uneven slice spacing") as error:
         read_image(gappy)
     assert error.value.path == gappy
+
+
+def test_a_study_folder_wrapping_one_series_reads_as_that_series():
+    from autoplan.io import list_image_files
+    from autoplan.io.images import series_folder
+    from tests.conftest import shared_dataset
+
+    studies = shared_dataset("hippocampus_dicom")
+    assert [p.name for p in list_image_files(studies)] == ["Study1", "Study2", "Study3"]
+    study = studies / "Study1"
+    inner = series_folder(study)
+    assert inner.parent == study and inner.name.endswith("_HCropVolume")
+    wrapped, direct = read_image(study), read_image(inner)
+    assert wrapped.array.shape == direct.array.shape and wrapped.spacing == direct.spacing
+    assert wrapped.origin == direct.origin and wrapped.direction == direct.direction

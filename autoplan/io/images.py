@@ -92,13 +92,34 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
-def is_dicom_folder(path) -> bool:
-    """A folder whose files (a few are sampled) are DICOM files."""
-    path = Path(path)
-    if not path.is_dir():
-        return False
+def _holds_dicom_files(path: Path) -> bool:
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     return any(_is_dicom_file(p) for p in files[:8])
+
+
+def series_folder(path) -> Path | None:
+    """The DICOM series folder that ``path`` is, or wraps.
+
+    A study folder holding nothing but one subfolder (``Study1/13_HCropVolume/*.dcm``, as
+    PACS exports are laid out) stands for the series inside it, up to three levels deep;
+    the study's name then names the case.
+    """
+    path = Path(path)
+    for _ in range(4):
+        if not path.is_dir():
+            return None
+        if _holds_dicom_files(path):
+            return path
+        children = [p for p in path.iterdir() if not p.name.startswith(".")]
+        if len(children) != 1:
+            return None
+        path = children[0]
+    return None
+
+
+def is_dicom_folder(path) -> bool:
+    """A folder whose files (a few are sampled) are DICOM files, or a study wrapping one series."""
+    return series_folder(path) is not None
 
 
 def list_image_files(folder) -> list:
@@ -127,9 +148,10 @@ def read_image(path) -> ImageData:
     if not path.exists():
         raise InputError(path, "does not exist")
     if path.is_dir():
-        if not is_dicom_folder(path):
-            raise InputError(path, "is a folder but holds no DICOM files")
-        reader = _read_dicom_series
+        series = series_folder(path)
+        if series is None:
+            raise InputError(path, "is a folder but holds no DICOM files (nor one series folder)")
+        reader = lambda folder: _read_dicom_series(series)  # noqa: E731 (the series inside the study)
     else:
         if path.stat().st_size == 0:
             raise InputError(path, "empty file (0 bytes)")
