@@ -222,3 +222,16 @@ def test_sweep_trains_every_combination_and_compares(demo, capsys):
     assert len(rows) == 4                 # header, rule, one row per loss
     assert "loss" in rows[0] and "ce" in rows[2] and "dice" in rows[3]
     assert (folders.results / "DemoXRay" / "sweep" / "curves.png").is_file()
+
+
+def test_per_epoch_classification_check_caps_each_class():
+    from types import SimpleNamespace
+
+    from autoplan.tasks import EPOCH_VALIDATION_PER_CLASS, ClassificationTask
+
+    labels = np.array([0] * 500 + [1] * 30 + [2] * 150)
+    task = SimpleNamespace(labels=labels, val_indices=np.arange(len(labels)))
+    chosen = ClassificationTask.epoch_val_indices.fget(task)
+    counts = np.bincount(labels[chosen])
+    assert counts.tolist() == [EPOCH_VALIDATION_PER_CLASS, 30, EPOCH_VALIDATION_PER_CLASS]
+    assert np.array_equal(chosen, ClassificationTask.epoch_val_indices.fget(task))   # fixed subset
