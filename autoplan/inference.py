@@ -16,7 +16,6 @@ that helps on validation), ``classify_batch`` (flip TTA) and ``gradcam_samples``
 import contextlib
 import io
 import itertools
-import os
 import re
 import sys
 import time
@@ -395,8 +394,9 @@ def _torch_threads(n_jobs):
 
 
 def _progress(items, desc):
-    disable = not sys.stderr.isatty() and os.environ.get("AUTOPLAN_PROGRESS") != "1"
-    return tqdm(items, desc=desc, disable=disable)
+    from autoplan.parallel import progress_enabled
+
+    return tqdm(items, desc=desc, disable=not progress_enabled())
 
 
 def _failure_text(case: InputCase, error: Exception) -> str:

@@ -18,7 +18,8 @@ import torch
 
 from autoplan import distributed
 from autoplan.datasets import Dataset
-from autoplan.jsonio import JsonDataclass, atomic_write_text
+from autoplan.jsonio import JsonDataclass, atomic_write_text, to_jsonable
+from autoplan.parallel import progress_enabled
 from autoplan.paths import Folders
 from autoplan.planning import Configuration, Plan
 from autoplan.runs import RunSpec, TrainOptions
@@ -271,7 +272,7 @@ class TrainingLoop:
         self.network.train()
         losses = []
         steps = range(self.configuration.iterations_per_epoch)
-        for step in tqdm(steps, desc=f"epoch {self.epoch}", leave=False, disable=not _progress_enabled()):
+        for step in tqdm(steps, desc=f"epoch {self.epoch}", leave=False, disable=not progress_enabled()):
             if step and step % 5 == 0 and distributed.agree(self._budget_spent()):
                 break           # a slower machine than planned: end the epoch, keep the budget
             data, target = self.task.to_device(next(batches), self.device)
@@ -376,20 +377,13 @@ class TrainingLoop:
         if best.is_file():
             distributed.unwrap(self.network).load_state_dict(
                 torch.load(best, map_location=self.device, weights_only=False)["model"])
-        run_info = {"dataset": self.spec.dataset, "configuration": self.configuration.to_dict()
-                    if hasattr(self.configuration, "to_dict") else _as_dict(self.configuration),
-                    "options": _as_dict(self.spec.options), "fold": self.spec.fold,
+        run_info = {"dataset": self.spec.dataset, "configuration": to_jsonable(self.configuration),
+                    "options": to_jsonable(self.spec.options), "fold": self.spec.fold,
                     "device": str(self.device), "epochs_completed": self.epoch,
                     "iterations": self.iterations, "best_epoch": self.best_epoch,
                     "train_minutes": round(self.train_seconds / 60, 2), "stopped_by": self.stopped_by,
                     "citations": self.task.dataset.description.get("citation")}
         return self.task.final_validation(distributed.unwrap(self.network), self.run_dir, self.device, run_info)
-
-
-def _as_dict(value):
-    from autoplan.jsonio import to_jsonable
-
-    return to_jsonable(value)
 
 
 def _csv_value(value) -> str:
@@ -405,9 +399,3 @@ def _read_log(path: Path) -> list:
         return []
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def _progress_enabled() -> bool:
-    import sys
-
-    return sys.stderr.isatty() or os.environ.get("AUTOPLAN_PROGRESS") == "1"
