@@ -186,7 +186,7 @@ def cmd_plan(args):
 
     folders = _folders(args)
     dataset = open_dataset(args.name, folders)
-    result = plan(dataset, folders, device=args.device or "cpu", gpu_memory_gb=args.gpu_memory,
+    result = plan(dataset, folders, device=args.device, gpu_memory_gb=args.gpu_memory,
                   time_budget_minutes=args.time_budget, base_features=args.base_features, n_jobs=args.n_jobs)
     print(format_plan_table(result))
     print(f"wrote {plans_path(dataset, folders)}")
@@ -210,7 +210,7 @@ def cmd_plan_and_train(args):
 
     folders = _folders(args)
     runs = plan_and_train(open_dataset(args.name, folders), folders, _train_options(args),
-                          device=args.device or "cpu", gpu_memory_gb=args.gpu_memory)
+                          device=args.device, gpu_memory_gb=args.gpu_memory)
     _print_runs(runs)
 
 

@@ -28,11 +28,15 @@ def plans_path(dataset: Dataset, folders: Folders) -> Path:
     return folders.dataset_results(dataset.name) / "plans.json"
 
 
-def plan(dataset: Dataset, folders: Folders, device="cpu", gpu_memory_gb=None,
+def plan(dataset: Dataset, folders: Folders, device=None, gpu_memory_gb=None,
          time_budget_minutes=None, base_features=None, n_jobs=None) -> Plan:
-    """Fingerprint (cached) then plan; writes RESULTS/NAME/plans.json."""
-    from autoplan.planning import plan_dataset
+    """Fingerprint (cached) then plan; writes RESULTS/NAME/plans.json.
 
+    ``device=None`` plans for the device training will pick: the GPU when there is one.
+    """
+    from autoplan.planning import cuda_available, plan_dataset
+
+    device = device or ("cuda" if cuda_available() else "cpu")
     dataset_fingerprint = fingerprint(dataset, folders, n_jobs=n_jobs)
     result = plan_dataset(dataset, dataset_fingerprint, device=device, gpu_memory_gb=gpu_memory_gb,
                           time_budget_minutes=time_budget_minutes, base_features=base_features or 32,
@@ -54,7 +58,7 @@ def train(dataset: Dataset, folders: Folders, options: TrainOptions, plan_result
     return train_stage(dataset, plan_result or load_plan(dataset, folders), options, folders)
 
 
-def plan_and_train(dataset: Dataset, folders: Folders, options: TrainOptions, device="cpu",
+def plan_and_train(dataset: Dataset, folders: Folders, options: TrainOptions, device=None,
                    gpu_memory_gb=None) -> list:
     planned = plan(dataset, folders, device=device, gpu_memory_gb=gpu_memory_gb,
                    time_budget_minutes=options.time_budget_minutes,

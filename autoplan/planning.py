@@ -1357,7 +1357,7 @@ def _detect_gpu_memory_gb() -> float | None:
     return None
 
 
-def _cuda_available() -> bool:
+def cuda_available() -> bool:
     try:
         import torch
 
@@ -1401,7 +1401,7 @@ def plan_dataset(dataset, fingerprint, device: str = "cpu", gpu_memory_gb: float
     assumed_budget = device == "cpu" and time_budget_minutes is None
     budget_minutes = CPU_DEFAULT_BUDGET_MINUTES if assumed_budget else time_budget_minutes
     measure = (probe and results_dir is not None and not assumed_budget and budget_minutes is not None
-               and (device == "cpu" or _cuda_available()))
+               and (device == "cpu" or cuda_available()))
     cache = ThroughputCache(Path(results_dir) / name / "throughput.json", device) if measure else None
     speed = SpeedModel(device, cache)
     if assumed_budget:

@@ -49,6 +49,10 @@ class Run(JsonDataclass):
     headline: dict                # the metrics a reader looks at first
     world_size: int = 1           # processes under torchrun
     parameter_checksums: list = None   # one per process: equal when they stayed in sync
+    # CUDA only: the planner's estimate next to torch's measured peak (both without the CUDA
+    # context), so every GPU run checks the memory model that chose its batch size
+    estimated_memory_gb: float | None = None
+    peak_gpu_memory_gb: float | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -131,6 +135,15 @@ def _pick_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
+def _gpu_memory(device, configuration) -> dict:
+    if device.type != "cuda":
+        return {}
+    from autoplan.planning import CUDA_CONTEXT_GB, estimate_training_memory_gb
+
+    return {"estimated_memory_gb": round(estimate_training_memory_gb(configuration) - CUDA_CONTEXT_GB, 3),
+            "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 3)}
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -165,7 +178,8 @@ def train_fold(dataset, configuration, options, folders, preprocessed_dir, split
               best_ema_metric=loop.best_ema, train_seconds=loop.train_seconds,
               total_seconds=time.monotonic() - started, stopped_by=loop.stopped_by,
               headline=headline_metrics(metrics) if metrics else {},
-              world_size=distributed.world_size(), parameter_checksums=checksums)
+              world_size=distributed.world_size(), parameter_checksums=checksums,
+              **_gpu_memory(device, configuration))
     if distributed.is_main():
         run.save(run_dir / "run.json")
     return run
