@@ -105,6 +105,7 @@ CPU_LOADER_OVERHEAD = 1.15          # augmentation competes with training for th
 RESERVE_FRACTION = 0.10             # of the budget kept for final validation and the report
 RESERVE_MIN_SECONDS = 20.0          # small 2D validation sets take seconds; the loop measures the rest
 MIN_ITERATIONS = 500                # fewer optimiser steps than this barely trains a U-Net
+SAME_DATA_FRACTION = 0.85           # candidates seeing this share of the most data count as equal
 TARGET_EPOCHS_SEGMENTATION = 50.0   # "epochs-equivalent" of samples seen that we aim for
 TARGET_EPOCHS_CLASSIFICATION = 10.0
 MIN_CPU_FEATURES = 16               # narrower U-Nets lose too much capacity
@@ -882,9 +883,15 @@ def _choose(candidates: list[Candidate], target_epochs: float) -> tuple[Candidat
             return c, "reaches both targets"
     enough = [c for c in candidates if c.schedule.iterations >= MIN_ITERATIONS]
     if enough:
-        best = max(enough, key=lambda c: (round(c.epochs_seen, 3), _base_width(c.configuration)))
+        # Samples per second barely depend on the batch on a CPU, so the candidates that see
+        # (nearly) the most data differ mainly in their number of optimiser steps; in a short
+        # budget steps are what a U-Net lacks most, so the smallest such batch wins.
+        most = max(c.epochs_seen for c in enough)
+        near = [c for c in enough if c.epochs_seen >= SAME_DATA_FRACTION * most]
+        best = max(near, key=lambda c: (c.schedule.iterations, _base_width(c.configuration)))
         return best, (f"no candidate reaches {target_epochs:g} epochs-equivalent within the budget; "
-                      f"this one sees the most data with >= {MIN_ITERATIONS} iterations")
+                      f"of those seeing within {1 - SAME_DATA_FRACTION:.0%} of the most data with "
+                      f">= {MIN_ITERATIONS} iterations, this one makes the most optimiser steps")
     return None, ""
 
 

@@ -259,7 +259,9 @@ class TrainingLoop:
         seed = self.spec.options.seed * 1000 + self.spec.fold * 100 + self.epoch + 7919 * distributed.rank()
         with self.task.train_loader(seed) as train_batches:
             while self.epoch < self.configuration.epochs:
-                if distributed.agree(self._out_of_time()):
+                # the first epoch always starts (and stops after a few steps if the budget is
+                # already spent): reporting an untrained network would be worse than a small overrun
+                if self.epoch > 0 and distributed.agree(self._out_of_time()):
                     self.stopped_by = "time_budget"
                     break
                 epoch_started = time.monotonic()

@@ -195,6 +195,7 @@ def test_classification_workers_close(tmp_path):
 CTRL_C_SCRIPT = """
 import os, signal, sys, time
 from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)   # as on a terminal, even when launched in background
 sys.path.insert(0, {tests!r})
 from test_loading import child_pids, configuration
 from autoplan.loading import SegmentationLoader
