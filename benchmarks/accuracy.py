@@ -1,7 +1,7 @@
 """Accuracy on the three real datasets, fold 0, within a CPU time budget. Prints one table.
 
     python benchmarks/accuracy.py                 # JSRT 10 min, hippocampus 20 min, HAM10000 30 min
-    python benchmarks/accuracy.py --quick         # 3 / 5 / 6 minutes
+    python benchmarks/accuracy.py --quick         # 3 / 5 / 5 minutes
     python benchmarks/accuracy.py --only TaskXRay --loss ce,ce_focal
 """
 
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import WORK, autoplan, ensure_imported, fmt, folders_args, markdown_table  # noqa: E402
 
 BUDGETS = {"TaskXRay": 10, "TaskHippocampus": 20, "TaskDerm": 30}
-QUICK = {"TaskXRay": 3, "TaskHippocampus": 5, "TaskDerm": 6}
+QUICK = {"TaskXRay": 3, "TaskHippocampus": 5, "TaskDerm": 5}
 CONFIG = {"TaskXRay": "2d", "TaskHippocampus": "3d_fullres", "TaskDerm": "classifier"}
 
 

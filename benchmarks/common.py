@@ -53,3 +53,19 @@ def fmt(value, digits=3):
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def measured_run(command, env=None, cwd=None) -> dict:
+    """Run a command; wall seconds, peak resident memory (MB) of its largest process, output.
+
+    ``os.wait4`` reports the maximum RSS over the process and every descendant it waited
+    for: the largest single process, not the sum of parallel workers.
+    """
+    started = time.monotonic()
+    process = subprocess.Popen([str(c) for c in command], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return {"seconds": time.monotonic() - started, "peak_mb": usage.ru_maxrss / 1024,
+            "returncode": process.returncode, "output": output}

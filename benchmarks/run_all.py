@@ -1,7 +1,8 @@
 """Run every benchmark and collect their tables into benchmarks/RESULTS.md.
 
-    python benchmarks/run_all.py --quick     # under 30 minutes on 2 cores
-    python benchmarks/run_all.py             # full budgets (JSRT 10, hippocampus 20, HAM10000 30 min)
+    python benchmarks/run_all.py --quick     # under 30 minutes on 2 cores (budgets 3 / 5+5 / 5 min)
+    python benchmarks/run_all.py             # full budgets: JSRT 10, hippocampus 20 (+20 for nnU-Net),
+                                             # HAM10000 30 min; about 2 hours
 
 The nnU-Net side needs nnunetv2 in its own environment (never our dependency):
 ``python3 -m venv /tmp/nnunet_env && /tmp/nnunet_env/bin/pip install torch==2.13.0 nnunetv2``
@@ -19,13 +20,25 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def table_lines(lines: list) -> list:
+    """A script's Markdown table rows, each table with the caption line printed above it."""
+    kept = []
+    for index, line in enumerate(lines):
+        if line.startswith("|"):
+            if not kept or not kept[-1].startswith("|"):
+                caption = next((c for c in reversed(lines[:index]) if c.strip()), "")
+                kept += ["", caption, ""] if caption and not caption.startswith("$") else [""]
+            kept.append(line)
+    return kept
+
+
 def run(script, *args):
     command = [sys.executable, str(HERE / script), *map(str, args)]
     print("$", " ".join(command[1:]), flush=True)
     started = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.monotonic() - started
-    table = "\n".join(line for line in result.stdout.splitlines() if line.startswith("|") or line.startswith("Axis"))
+    table = "\n".join(table_lines(result.stdout.splitlines()))
     if result.returncode != 0:
         table += f"\n\n(failed with exit code {result.returncode}: {result.stderr.strip().splitlines()[-1:]})"
     return table or result.stdout[-2000:], seconds
@@ -38,15 +51,23 @@ def main():
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     nnunet = ["--nnunet-python", args.nnunet_python] if Path(args.nnunet_python).exists() else []
+    started = time.monotonic()
+    # hippocampus accuracy comes from the nnU-Net comparison (same budget for both sides)
     sections = [
-        ("Fingerprint: autoplan vs nnUNetv2_extract_fingerprint (hippocampus, 220 cases)",
+        ("Fingerprint: autoplan vs nnUNetv2_extract_fingerprint (hippocampus)",
          "fingerprint.py", ["--repeats", "1" if args.quick else "3", *nnunet]),
         ("Memory model: estimate vs the real networks", "memory_model.py", []),
         ("Loading vs training throughput (default augmentation)", "loader.py",
          ["--batches", "10" if args.quick else "30"]),
-        ("Prediction speed", "predict.py", ["--cases", "5" if args.quick else "20", *nnunet]),
-        ("Accuracy, fold 0, CPU time budget", "accuracy.py", ["--quick"] if args.quick else []),
+        ("autoplan vs nnU-Net v2 on hippocampus: preprocessing, plans, training at a fixed budget, "
+         "prediction, peak memory", "versus_nnunet.py",
+         ["--budget", "5" if args.quick else "20", "--cases", "3" if args.quick else "10", *nnunet]),
+        ("Accuracy on JSRT and HAM10000, fold 0, CPU time budget", "accuracy.py",
+         ["--only", "TaskXRay,TaskDerm", *(["--quick"] if args.quick else [])]),
     ]
+    if not args.quick:
+        sections.insert(3, ("Prediction speed (untrained planned networks, both datasets)", "predict.py",
+                            ["--cases", "20", *nnunet]))
     lines = [f"# autoplan benchmark results\n",
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
              f"{__import__('os').cpu_count()} cores, mode {'quick' if args.quick else 'full'}.\n"]
@@ -54,6 +75,7 @@ def main():
         table, seconds = run(script, *script_args)
         lines += [f"## {title}\n", f"`python benchmarks/{script} {' '.join(map(str, script_args))}` "
                   f"({seconds / 60:.1f} min)\n", table, ""]
+    lines.append(f"Total: {(time.monotonic() - started) / 60:.1f} min.")
     args.output.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.output}")
 
