@@ -197,6 +197,9 @@ def headline_metrics(metrics: dict) -> dict:
 # --------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------
+VAL_FORWARD_COST = 0.35     # a forward pass vs a training iteration, per sample (as the planner's)
+
+
 class TrainingLoop:
     def __init__(self, task, spec: RunSpec, run_dir: Path, device, time_budget_minutes, started):
         self.task, self.spec, self.run_dir, self.device = task, spec, Path(run_dir), device
@@ -242,13 +245,27 @@ class TrainingLoop:
         return base * 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
 
     def reserve_seconds(self) -> float:
-        """Time kept back for final validation and the report (measured cost once known)."""
-        n_val = len(self.task.split["val"])
-        # sliding window with mirroring: 8 passes per 3D window, 4 per 2D one (CPU estimates)
-        per_case = {2: 0.7, 3: 1.5}.get(self.configuration.dim, 0.7)
+        """Time kept back for final validation and the report."""
+        if not hasattr(self, "_reserve"):
+            self._reserve = 10.0 + len(self.task.split["val"]) * self._validation_seconds_per_case()
+        return self._reserve
+
+    def _validation_seconds_per_case(self) -> float:
+        config = self.configuration
         if self.spec.task_type == "classification":
-            per_case = 0.02
-        return 10.0 + n_val * per_case
+            return 0.02
+        # sliding windows of the median image x mirrored passes x a forward pass (about a third
+        # of a training iteration per sample), with a floor for reading, resampling and metrics
+        from autoplan.inference import sliding_window_starts
+
+        median = config.median_image_size or config.patch_size
+        windows = int(np.prod([len(s) for s in sliding_window_starts(
+            [max(m, p) for m, p in zip(median, config.patch_size)], config.patch_size)]))
+        passes = 2 ** len(config.mirror_axes if config.mirror_axes is not None else config.patch_size)
+        if config.expected_seconds_per_iteration and self.device.type == "cpu":
+            forward = VAL_FORWARD_COST * config.expected_seconds_per_iteration / config.batch_size
+            return 0.6 + windows * passes * forward
+        return {2: 0.7, 3: 1.5}.get(config.dim, 0.7)
 
     # -- epochs -------------------------------------------------------------------------------
     def fit(self, resume=False):

@@ -13,7 +13,9 @@ augmentation, SGD, poly learning rate, validation) except the schedule:
   schedule's length with it (nnU-Net decays the learning rate over ``num_epochs``), so the
   learning rate reaches zero when the budget ends, as a planned nnU-Net run's does;
 * training stops when another epoch would not leave ``RESERVE_SECONDS`` before the budget
-  ends; then nnU-Net's own final validation (sliding window + mirroring, summary.json) runs.
+  ends, or inside an epoch once that time is reached (nnU-Net's first epochs on a CPU can
+  outlast a short budget); then nnU-Net's own final validation (sliding window + mirroring,
+  summary.json) runs.
 
 The budget counts from this process's start (initialisation, data unpacking and worker
 start-up included), as autoplan's ``--time-budget`` counts from its own start. Prints one
@@ -57,6 +59,9 @@ class nnUNetTrainerBudget(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming)
         self.num_epochs = epochs
         self.lr_scheduler.max_steps = epochs
 
+    def _budget_spent(self) -> bool:
+        return time.monotonic() - STARTED + self.reserve_seconds > self.budget_seconds
+
     def _another_epoch_fits(self, epoch_seconds: float) -> bool:
         elapsed = time.monotonic() - STARTED
         return elapsed + epoch_seconds + self.reserve_seconds <= self.budget_seconds
@@ -67,7 +72,11 @@ class nnUNetTrainerBudget(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming)
             epoch_started = time.monotonic()
             self.on_epoch_start()
             self.on_train_epoch_start()
-            outputs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
+            outputs = []
+            for _ in range(self.num_iterations_per_epoch):
+                outputs.append(self.train_step(next(self.dataloader_train)))
+                if self._budget_spent():        # a long first epoch: stop inside it
+                    break
             self.iterations_done += len(outputs)
             self.on_train_epoch_end(outputs)
             with torch.no_grad():
@@ -77,7 +86,7 @@ class nnUNetTrainerBudget(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming)
             epoch_seconds = time.monotonic() - epoch_started
             if self.current_epoch == 0:
                 self._fit_schedule(epoch_seconds)
-            stop = not self._another_epoch_fits(epoch_seconds)
+            stop = self._budget_spent() or not self._another_epoch_fits(epoch_seconds)
             self.on_epoch_end()             # increments current_epoch
             if stop:
                 break
@@ -90,6 +99,7 @@ def main():
     name = maybe_convert_to_dataset_name(int(dataset_id))
     plans = load_json(join(nnUNet_preprocessed, name, "nnUNetPlans.json"))
     dataset_json = load_json(join(nnUNet_preprocessed, name, "dataset.json"))
+    plans["continue_training"] = False      # what nnU-Net's run_training sets before building a trainer
     nnUNetTrainerBudget.budget_seconds = float(budget_minutes) * 60
     nnUNetTrainerBudget.reserve_seconds = float(reserve)
     trainer = nnUNetTrainerBudget(plans, configuration, int(fold), dataset_json, torch.device("cpu"))

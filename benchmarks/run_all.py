@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+FULL_BUDGET_NOTES = HERE / "full_budget_runs.md"
 
 
 def table_lines(lines: list) -> list:
@@ -75,7 +76,9 @@ def main():
         table, seconds = run(script, *script_args)
         lines += [f"## {title}\n", f"`python benchmarks/{script} {' '.join(map(str, script_args))}` "
                   f"({seconds / 60:.1f} min)\n", table, ""]
-    lines.append(f"Total: {(time.monotonic() - started) / 60:.1f} min.")
+    lines.append(f"Total: {(time.monotonic() - started) / 60:.1f} min.\n")
+    if FULL_BUDGET_NOTES.is_file():     # the longer runs, made one script at a time
+        lines += ["---\n", FULL_BUDGET_NOTES.read_text()]
     args.output.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.output}")
 
