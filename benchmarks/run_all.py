@@ -69,7 +69,7 @@ def main():
     if not args.quick:
         sections.insert(3, ("Prediction speed (untrained planned networks, both datasets)", "predict.py",
                             ["--cases", "20", *nnunet]))
-    lines = [f"# autoplan benchmark results\n",
+    lines = ["# autoplan benchmark results\n",
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
              f"{__import__('os').cpu_count()} cores, mode {'quick' if args.quick else 'full'}.\n"]
     for title, script, script_args in sections:

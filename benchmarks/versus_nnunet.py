@@ -78,12 +78,13 @@ def describe_nnunet(configuration: dict) -> dict:
 def our_gpu_plan(folders) -> dict:
     """autoplan's plan of the same fingerprint for nnU-Net's 8 GB GPU (no measurement, no writing)."""
     from autoplan import pipeline
+    from autoplan.jsonio import to_jsonable
     from autoplan.planning import plan_dataset
 
     dataset = pipeline.open_dataset(DATASET_NAME, folders)
     fingerprint = pipeline.fingerprint(dataset, folders)
     plan = plan_dataset(dataset, fingerprint, device="cuda", gpu_memory_gb=8.0, probe=False)
-    return plan.configurations["3d_fullres"].to_dict()
+    return to_jsonable(plan.configurations["3d_fullres"])
 
 
 def ratio(ours, theirs) -> str:
@@ -96,7 +97,12 @@ def main():
     parser.add_argument("--cases", type=int, default=5, help="volumes predicted in the prediction step")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--nnunet-python", type=Path, default=None)
+    parser.add_argument("--table-only", action="store_true",
+                        help="print the table of the last run again (from its measurements.json)")
     args = parser.parse_args()
+    if args.table_only:
+        print_table(WORK / "versus", json.loads((WORK / "versus" / "measurements.json").read_text()))
+        return 0
     if not (SHARED / "hippocampus").is_dir():
         sys.exit(f"{SHARED / 'hippocampus'} not found: see ../shared/datasets/README.md")
     nnunet_python, problem = ensure_nnunet_python(args.nnunet_python)
@@ -137,8 +143,6 @@ def main():
     theirs = json.loads(next(line for line in their_train["output"].splitlines()
                              if line.startswith("RESULT "))[len("RESULT "):])
     run_dir = ours["results"] / DATASET_NAME / "3d_fullres" / "versus" / "fold_0"
-    our_run = json.loads((run_dir / "run.json").read_text())
-    our_metrics = json.loads((run_dir / "metrics.json").read_text())
 
     print(f"3/4 prediction of {args.cases} volumes with TTA", flush=True)
     inputs = work / "predict_input"
@@ -154,12 +158,31 @@ def main():
                                        "-npp", threads, "-nps", threads, "-device", "cpu"], env=nnunet_env),
                          "nnUNetv2_predict")
 
-    print("4/4 table", flush=True)
+    measurements = {"budget": args.budget, "cases": args.cases, "threads": args.threads, "n_val": n_val,
+                    "theirs": theirs, **{name: {k: v for k, v in result.items() if k != "output"} for name, result in
+                                         [("our_prep", our_prep), ("their_prep", their_prep), ("our_train", our_train),
+                                          ("their_train", their_train), ("our_pred", our_pred),
+                                          ("their_pred", their_pred)]}}
+    (work / "measurements.json").write_text(json.dumps(measurements, indent=1))
+    print_table(work, measurements)
+    return 0
+
+
+def print_table(work: Path, m: dict) -> None:
+    """The table, from the measurements and the files both sides wrote under ``work``."""
+    from autoplan.paths import resolve_folders
+
+    ours = {"raw": work / "nnUNet_raw", "pre": work / "autoplan_preprocessed", "results": work / "autoplan_results"}
+    run_dir = ours["results"] / DATASET_NAME / "3d_fullres" / "versus" / "fold_0"
+    our_run = json.loads((run_dir / "run.json").read_text())
+    our_metrics = json.loads((run_dir / "metrics.json").read_text())
+    theirs, n_val = m["theirs"], m["n_val"]
+    budget, cases, threads = m["budget"], m["cases"], m["threads"]
+    our_prep, their_prep, our_train, their_train, our_pred, their_pred = (
+        m[k] for k in ("our_prep", "their_prep", "our_train", "their_train", "our_pred", "their_pred"))
     our_plan = json.loads((ours["results"] / DATASET_NAME / "plans.json").read_text())["configurations"]["3d_fullres"]
     their_plan = json.loads((work / "nnUNet_preprocessed" / DATASET_NAME / "nnUNetPlans.json").read_text())
     their_plan = their_plan["configurations"]["3d_fullres"]
-    from autoplan.paths import resolve_folders
-
     gpu = describe_ours(our_gpu_plan(resolve_folders(ours["raw"], ours["pre"], ours["results"])))
     cpu, nn = describe_ours(our_plan), describe_nnunet(their_plan)
     rows = [["fingerprint + plan + preprocess, wall s", fmt(our_prep["seconds"], 1), fmt(their_prep["seconds"], 1),
@@ -167,7 +190,7 @@ def main():
             ["  peak memory MB", fmt(our_prep["peak_mb"], 0), fmt(their_prep["peak_mb"], 0),
              ratio(our_prep["peak_mb"], their_prep["peak_mb"])]]
     for key in ("patch", "batch", "pooling", "features"):
-        rows.append([f"plan {key}: autoplan CPU {args.budget:g} min / autoplan 8 GB GPU | nnU-Net",
+        rows.append([f"plan {key} (autoplan: CPU {budget:g} min / 8 GB GPU)",
                      f"{cpu[key]} / {gpu[key]}", nn[key], ""])
     rows += [["training: epochs x iterations/epoch (batch)",
               f"{our_run['epochs_completed']} x {our_plan['iterations_per_epoch']} ({cpu['batch']})",
@@ -189,16 +212,15 @@ def main():
         values = our_metrics["mean"][str(index + 1)]
         rows.append([f"ASD / HD95 mm {name}", f"{fmt(values['asd_mm'], 2)} / {fmt(values['hd95_mm'], 2)}",
                      "not in summary.json", ""])
-    rows += [[f"predict {args.cases} volumes with TTA, s/case (whole command)",
-              fmt(our_pred["seconds"] / args.cases, 2), fmt(their_pred["seconds"] / args.cases, 2),
+    rows += [[f"predict {cases} volumes with TTA, s/case (whole command)",
+              fmt(our_pred["seconds"] / cases, 2), fmt(their_pred["seconds"] / cases, 2),
               ratio(our_pred["seconds"], their_pred["seconds"])],
              ["  peak memory MB", fmt(our_pred["peak_mb"], 0), fmt(their_pred["peak_mb"], 0),
               ratio(our_pred["peak_mb"], their_pred["peak_mb"])]]
     print(f"\nautoplan vs nnU-Net v2 on hippocampus (fold 0: {n_val} validation cases), "
-          f"{args.budget:g}-minute training budget each, {args.threads} threads, {os.cpu_count()} cores, "
+          f"{budget:g}-minute training budget each, {threads} threads, {os.cpu_count()} cores, "
           f"load average {', '.join(f'{v:.1f}' for v in os.getloadavg())}\n")
     print(markdown_table(["quantity", "autoplan", "nnU-Net v2", "ratio"], rows))
-    return 0
 
 
 if __name__ == "__main__":
