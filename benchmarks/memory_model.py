@@ -150,11 +150,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     budgets = [float(b) for b in args.budgets.split(",")]
-    header = (f"{'dataset':<12}{'config':<11}{'GB':>5}  {'patch':<16}{'batch':>5}{'params':>12}"
-              f"{'act/sample':>15}{'estimate':>10}")
-    header += f"{'measured':>10}{'ratio':>7}" if device == "cuda" else f"{'real params':>13}{'real act':>15}{'ok':>4}"
-    print(f"memory model check on {device}; estimates exclude the {CUDA_CONTEXT_GB} GB CUDA context")
-    print(header)
+    columns = ["dataset", "config", "GB budget", "patch", "batch", "params", "activations/sample", "estimate GB"]
+    columns += ["measured GB", "ratio"] if device == "cuda" else ["real params", "real activations", "equal"]
+    print(f"memory model check on {device}; estimates exclude the {CUDA_CONTEXT_GB} GB CUDA context\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     worst = 0.0
     failures = 0
     seen = set()
@@ -169,20 +169,20 @@ def main(argv=None) -> int:
                 outputs, params = model_counts(config)
                 allocated = sum(v for k, v in memory_breakdown(config, "fp16").items() if k != "parameters") / 1e9
                 assert abs(allocated + CUDA_CONTEXT_GB - estimate_training_memory_gb(config)) < 1e-9
-                row = (f"{fp.dataset:<12}{name:<11}{budget:>5g}  {str(config.patch_size):<16}{config.batch_size:>5}"
-                       f"{params:>12,}{outputs:>15,}{allocated:>10.2f}")
+                row = [fp.dataset, name, f"{budget:g}", "x".join(map(str, config.patch_size)),
+                       str(config.batch_size), f"{params:,}", f"{outputs:,}", f"{allocated:.2f}"]
                 if device == "cuda":
                     measured = measure_cuda_peak_gb(config)
                     ratio = allocated / measured
                     worst = max(worst, abs(ratio - 1))
                     failures += abs(ratio - 1) > 0.2
-                    row += f"{measured:>10.2f}{ratio:>7.2f}"
+                    row += [f"{measured:.2f}", f"{ratio:.2f}"]
                 else:
                     real_outputs, real_params = count_on_meta(replace(config, batch_size=1))
                     ok = real_outputs == outputs and real_params == params
                     failures += not ok
-                    row += f"{real_params:>13,}{real_outputs:>15,}{'yes' if ok else 'NO':>4}"
-                print(row, flush=True)
+                    row += [f"{real_params:,}", f"{real_outputs:,}", "yes" if ok else "NO"]
+                print("| " + " | ".join(row) + " |", flush=True)
     if device == "cuda":
         print(f"largest relative error {worst:.0%} (target 20%); {failures} outside")
     else:

@@ -23,13 +23,18 @@ FULL_BUDGET_NOTES = HERE / "full_budget_runs.md"
 
 def table_lines(lines: list) -> list:
     """A script's Markdown table rows, each table with the caption line printed above it."""
-    kept = []
+    kept, after_table = [], False
     for index, line in enumerate(lines):
         if line.startswith("|"):
             if not kept or not kept[-1].startswith("|"):
                 caption = next((c for c in reversed(lines[:index]) if c.strip()), "")
                 kept += ["", caption, ""] if caption and not caption.startswith("$") else [""]
             kept.append(line)
+            after_table = True
+        elif after_table and line.strip():      # a summary printed right under the table
+            kept += [""] * kept[-1].startswith("|") + [line]
+        else:
+            after_table = False
     return kept
 
 
@@ -42,7 +47,7 @@ def run(script, *args):
     table = "\n".join(table_lines(result.stdout.splitlines()))
     if result.returncode != 0:
         table += f"\n\n(failed with exit code {result.returncode}: {result.stderr.strip().splitlines()[-1:]})"
-    return table or result.stdout[-2000:], seconds
+    return table or "```\n" + result.stdout.strip() + "\n```", seconds
 
 
 def main():
