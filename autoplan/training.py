@@ -21,7 +21,7 @@ from autoplan.datasets import Dataset
 from autoplan.jsonio import JsonDataclass, atomic_write_text, to_jsonable
 from autoplan.parallel import progress_enabled
 from autoplan.paths import Folders
-from autoplan.planning import Configuration, Plan
+from autoplan.planning import VAL_ITERATION_COST, Configuration, Plan
 from autoplan.runs import RunSpec, TrainOptions
 from autoplan.splits import load_or_create_splits
 from autoplan.tasks import make_task
@@ -197,9 +197,6 @@ def headline_metrics(metrics: dict) -> dict:
 # --------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------
-VAL_FORWARD_COST = 0.35     # a forward pass vs a training iteration, per sample (as the planner's)
-
-
 class TrainingLoop:
     def __init__(self, task, spec: RunSpec, run_dir: Path, device, time_budget_minutes, started):
         self.task, self.spec, self.run_dir, self.device = task, spec, Path(run_dir), device
@@ -245,7 +242,7 @@ class TrainingLoop:
         return base * 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
 
     def reserve_seconds(self) -> float:
-        """Time kept back for final validation and the report."""
+        """Time kept back for final validation and the report (fixed for the run)."""
         if not hasattr(self, "_reserve"):
             self._reserve = 10.0 + len(self.task.split["val"]) * self._validation_seconds_per_case()
         return self._reserve
@@ -254,18 +251,18 @@ class TrainingLoop:
         config = self.configuration
         if self.spec.task_type == "classification":
             return 0.02
-        # sliding windows of the median image x mirrored passes x a forward pass (about a third
-        # of a training iteration per sample), with a floor for reading, resampling and metrics
-        from autoplan.inference import sliding_window_starts
+        if not (config.expected_seconds_per_iteration and self.device.type == "cpu"):
+            return {2: 0.7, 3: 1.5}.get(config.dim, 0.7)
+        # sliding windows of the median image x mirrored passes x a forward pass (costed as the
+        # planner costs a validation iteration), plus a floor for reading, resampling and metrics
+        from autoplan.inference import default_mirror_axes, sliding_window_starts
 
         median = config.median_image_size or config.patch_size
-        windows = int(np.prod([len(s) for s in sliding_window_starts(
-            [max(m, p) for m, p in zip(median, config.patch_size)], config.patch_size)]))
-        passes = 2 ** len(config.mirror_axes if config.mirror_axes is not None else config.patch_size)
-        if config.expected_seconds_per_iteration and self.device.type == "cpu":
-            forward = VAL_FORWARD_COST * config.expected_seconds_per_iteration / config.batch_size
-            return 0.6 + windows * passes * forward
-        return {2: 0.7, 3: 1.5}.get(config.dim, 0.7)
+        starts = sliding_window_starts([max(m, p) for m, p in zip(median, config.patch_size)], config.patch_size)
+        windows = int(np.prod([len(s) for s in starts]))
+        passes = 2 ** len(default_mirror_axes(self.spec, tta=True))
+        forward = VAL_ITERATION_COST * config.expected_seconds_per_iteration / config.batch_size
+        return 0.6 + windows * passes * forward
 
     # -- epochs -------------------------------------------------------------------------------
     def fit(self, resume=False):
