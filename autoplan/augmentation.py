@@ -315,28 +315,46 @@ class ClassificationAugmenter:
         n = batch.shape[0]
 
         def factors(amount):
-            return rng.uniform(1 - amount, 1 + amount, size=(n, 1, 1, 1)).astype(np.float32)
+            return rng.uniform(1 - amount, 1 + amount, size=n).astype(np.float32)
 
-        batch *= factors(self.brightness)
-        grey = _grey(batch)
-        mean = grey.mean(axis=(1, 2, 3), keepdims=True)
-        batch = (batch - mean) * factors(self.contrast) + mean
-        if batch.shape[-1] == 3:
-            grey = _grey(batch)
-            batch = grey + (batch - grey) * factors(self.saturation)
-            angles = rng.uniform(-self.hue, self.hue, size=n) * 2 * np.pi
-            batch = np.einsum("bhwc,bdc->bhwd", batch, _hue_matrices(angles)).astype(np.float32)
+        brightness = factors(self.brightness)
+        # Contrast pivots on each image's mean grey after the brightness change.
+        mean_grey = brightness * _grey(batch).mean(axis=(1, 2, 3))
+        contrast = factors(self.contrast)
+        if batch.shape[-1] != 3:
+            batch = batch * (brightness * contrast)[:, None, None, None] \
+                + (mean_grey * (1 - contrast))[:, None, None, None]
+            return np.clip(batch, 0.0, 1.0, out=batch)
+        saturation = factors(self.saturation)
+        angles = rng.uniform(-self.hue, self.hue, size=n) * 2 * np.pi
+        # All four changes are linear in the pixel values, so they compose into one 3x3 matrix
+        # and offset per image: one batched product instead of four passes over the batch
+        # (the jitter was three quarters of a worker's time on 2 cores).
+        mixing = _saturation_matrices(saturation) @ _hue_matrices(angles).transpose(0, 2, 1)
+        scale = (brightness * contrast)[:, None, None] * mixing
+        offset = (mean_grey * (1 - contrast))[:, None] * mixing.sum(axis=1)
+        pixels = np.matmul(batch.reshape(n, -1, 3), scale.astype(np.float32))
+        batch = pixels.reshape(batch.shape) + offset.astype(np.float32)[:, None, None, :]
         return np.clip(batch, 0.0, 1.0, out=batch)
+
+
+_GREY_WEIGHTS = np.array([0.299, 0.587, 0.114])
 
 
 def _grey(batch):
     if batch.shape[-1] != 3:
         return batch.mean(axis=-1, keepdims=True)
-    return (batch @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
+    return (batch @ _GREY_WEIGHTS.astype(np.float32))[..., None]
 
 
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+
+
+def _saturation_matrices(factors):
+    """Per-image matrices (pixels as row vectors) blending each pixel with its grey by ``factors``."""
+    grey_rows = np.outer(_GREY_WEIGHTS, np.ones(3))
+    return np.stack([f * np.eye(3) + (1 - f) * grey_rows for f in factors])
 
 
 def _hue_matrices(angles):

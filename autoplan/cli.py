@@ -30,6 +30,8 @@ def _add_train_options(parser):
     parser.add_argument("--fold", default="0", help="fold 0-4, or 'all'")
     parser.add_argument("--loss", choices=["ce", "bce", "dice", "dice_ce", "focal", "ce_focal"])
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--label-smoothing", type=float, default=0.0,
+                        help="classification: cross-entropy label smoothing (0-1)")
     parser.add_argument("--base-features", type=int, default=None)
     parser.add_argument("--norm", choices=["instance", "batch"], default=None)
     parser.add_argument("--augment", choices=["default", "light", "none"], default=None)
@@ -47,6 +49,7 @@ def _add_train_options(parser):
 
 def _train_options(args) -> TrainOptions:
     return TrainOptions(configuration=args.config, fold=args.fold, loss=args.loss, dropout=args.dropout,
+                        label_smoothing=args.label_smoothing,
                         base_features=args.base_features, norm=args.norm, augment=args.augment,
                         optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size,
                         pretrained=args.pretrained, epochs=args.epochs,
@@ -125,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("sweep", help="train every combination of options, then compare")
     p.add_argument("name")
     for option, kind in (("loss", str), ("dropout", str), ("base-features", str), ("norm", str),
-                         ("augment", str), ("optimizer", str), ("lr", str), ("batch-size", str)):
+                         ("augment", str), ("optimizer", str), ("lr", str), ("batch-size", str),
+                         ("label-smoothing", str)):
         p.add_argument(f"--{option}", default=None, help="comma-separated values")
     for option in ("config", "fold", "pretrained", "seed", "epochs", "iterations-per-epoch", "time-budget",
                    "workers"):
@@ -249,7 +253,8 @@ def cmd_sweep(args):
     folders = _folders(args)
     grid = sweep_grid({"loss": args.loss, "dropout": args.dropout, "base_features": args.base_features,
                        "norm": args.norm, "augment": args.augment, "optimizer": args.optimizer,
-                       "lr": args.lr, "batch_size": args.batch_size})
+                       "lr": args.lr, "batch_size": args.batch_size,
+                       "label_smoothing": args.label_smoothing})
     options = TrainOptions(
         configuration=args.config, fold=args.fold or "0", pretrained=args.pretrained,
         seed=int(args.seed or 0), epochs=int(args.epochs) if args.epochs else None,

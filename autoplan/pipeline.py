@@ -67,7 +67,7 @@ def plan_and_train(dataset: Dataset, folders: Folders, options: TrainOptions, de
 
 
 SWEEPABLE = {"loss": str, "dropout": float, "base_features": int, "norm": str, "augment": str,
-             "optimizer": str, "lr": float, "batch_size": int}
+             "optimizer": str, "lr": float, "batch_size": int, "label_smoothing": float}
 
 
 def sweep_grid(values: dict) -> list:

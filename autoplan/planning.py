@@ -440,6 +440,7 @@ class ThroughputCache:
 
     def key(self, configuration: Configuration) -> str:
         return json.dumps({"device": self.device, "threads": self.threads,
+                           "layout": "channels_last" if configuration.dim == 2 else "contiguous",
                            "name": configuration.name, "network": configuration.network,
                            "patch_size": configuration.patch_size,
                            "batch_size": configuration.batch_size,
@@ -464,6 +465,8 @@ def measure_seconds_per_iteration(configuration: Configuration, device: str = "c
     import torch
     import torch.nn.functional as F
 
+    from autoplan.nets import memory_format
+
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(available_cores())
     try:
@@ -477,10 +480,11 @@ def measure_seconds_per_iteration(configuration: Configuration, device: str = "c
             from autoplan.nets.unet import build_unet
 
             net = build_unet(configuration, deep_supervision=True)
-        net = net.to(device).train()
+        layout = memory_format(configuration.dim)      # as training lays the network out
+        net = net.to(device, memory_format=layout).train()
         optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.99, nesterov=True)
         shape = [configuration.batch_size, configuration.n_input_channels, *configuration.patch_size]
-        x = torch.randn(shape, generator=generator).to(device)
+        x = torch.randn(shape, generator=generator).to(device).contiguous(memory_format=layout)
         use_amp = device == "cuda"
 
         def step():
@@ -1228,12 +1232,21 @@ def class_order(dataset, fingerprint) -> list:
     return list(classes) if classes else list((fingerprint.class_counts or {}).keys())
 
 
-def imbalance_handling(classes: list, counts: dict) -> dict:
-    """ratio > 3: cross-entropy weighted by 1/sqrt(frequency) (mean weight 1); else nothing.
+# Class weights are (1/frequency) ** CLASS_WEIGHT_EXPONENT. Measured on HAM10000 (fold 0,
+# ResNet-18 at 96x128, the 2-core 30-minute schedule): with 1/sqrt weights the model traded
+# 0.03 accuracy for balanced accuracy beyond what the majority bias needed (0.737 / 0.643);
+# shifting its predictions to the fourth-root weighting gave 0.763 / 0.603 (ce) and 0.777 /
+# 0.620 (ce_focal), and unweighted 0.764 / 0.544.
+CLASS_WEIGHT_EXPONENT = 0.25
 
-    Square-root weights correct most of the bias towards the majority class without letting
-    a class of a hundred images dominate the gradient (full inverse-frequency weights, or
-    balanced sampling, would show each of those images tens of times more often and overfit).
+
+def imbalance_handling(classes: list, counts: dict) -> dict:
+    """ratio > 3: cross-entropy weighted by 1/frequency**0.25 (mean weight 1); else nothing.
+
+    Mild weights correct part of the bias towards the majority class without giving up
+    much accuracy, and without letting a class of a hundred images dominate the gradient
+    (full inverse-frequency weights, or balanced sampling, would show each of those images
+    tens of times more often and overfit).
     """
     values = np.array([float(counts.get(c, 0)) for c in classes])
     present = values[values > 0]
@@ -1243,14 +1256,15 @@ def imbalance_handling(classes: list, counts: dict) -> dict:
                 "imbalance_ratio": round(ratio, 2),
                 "reason": f"largest/smallest class = {ratio:.1f} <= 3: plain cross-entropy"}
     frequency = np.maximum(values, 1.0) / max(values.sum(), 1.0)
-    weights = 1.0 / np.sqrt(frequency)
+    weights = frequency ** -CLASS_WEIGHT_EXPONENT
     weights = weights / weights.mean()
     return {"strategy": "weighted_loss", "class_weights": [round(float(w), 4) for w in weights],
             "classes": classes, "imbalance_ratio": round(ratio, 2),
-            "reason": (f"largest/smallest class = {ratio:.1f} > 3: cross-entropy weighted by 1/sqrt(class "
-                       f"frequency), normalised to mean 1 (milder than inverse frequency or balanced "
-                       f"sampling, which would repeat the rarest class's {int(present.min())} images "
-                       f"~{ratio:.0f}x as often and overfit them)")}
+            "reason": (f"largest/smallest class = {ratio:.1f} > 3: cross-entropy weighted by (1/class "
+                       f"frequency)^{CLASS_WEIGHT_EXPONENT:g}, normalised to mean 1 (rarest/commonest "
+                       f"weight {ratio ** CLASS_WEIGHT_EXPONENT:.1f}; stronger weights, inverse "
+                       f"frequency or balanced sampling cost accuracy and would repeat the rarest "
+                       f"class's {int(present.min())} images up to ~{ratio:.0f}x as often)")}
 
 
 def classification_normalization(fingerprint) -> tuple[list, str]:

@@ -23,6 +23,7 @@ class TrainOptions:
     fold: str = "0"                      # "0".."4" or "all"
     loss: str | None = None
     dropout: float = 0.0
+    label_smoothing: float = 0.0         # classification cross-entropy only
     base_features: int | None = None
     norm: str | None = None              # 'instance' | 'batch'
     augment: str | None = None           # 'default' | 'light' | 'none'
@@ -41,7 +42,7 @@ class TrainOptions:
     n_workers: int | None = None         # data-loading processes
 
     # options that name a run; other fields (resume, device, n_jobs...) do not change results
-    NAMING = ("loss", "dropout", "base_features", "norm", "augment", "optimizer", "lr",
+    NAMING = ("loss", "dropout", "label_smoothing", "base_features", "norm", "augment", "optimizer", "lr",
               "batch_size", "pretrained", "epochs", "time_budget_minutes", "seed")
 
 

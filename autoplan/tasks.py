@@ -188,7 +188,8 @@ class ClassificationTask(_Task):
         imbalance = self.configuration.imbalance or {}
         weights = imbalance.get("class_weights") if imbalance.get("strategy") == "weighted_loss" else None
         self._loss = build_classification_loss(self.spec.options.loss or self.configuration.loss,
-                                               class_weights=weights)
+                                               class_weights=weights,
+                                               label_smoothing=self.spec.options.label_smoothing)
         return self._loss
 
     def validation_loss(self, output, target):

@@ -21,6 +21,7 @@ from autoplan.datasets import Dataset
 from autoplan.jsonio import JsonDataclass, atomic_write_text, to_jsonable
 from autoplan.parallel import progress_enabled
 from autoplan.paths import Folders
+from autoplan.nets import memory_format
 from autoplan.planning import VAL_ITERATION_COST, Configuration, Plan
 from autoplan.runs import RunSpec, TrainOptions
 from autoplan.splits import load_or_create_splits
@@ -90,6 +91,8 @@ def run_name(options: TrainOptions, configuration: Configuration, norm: str) -> 
     else:
         parts = [configuration.loss, norm, f"f{configuration.network['features_per_stage'][0]}"]
     parts += [f"do{options.dropout:g}", configuration.augment]
+    if options.label_smoothing:
+        parts.append(f"ls{options.label_smoothing:g}")
     if options.optimizer:
         parts.append(configuration.optimizer)
     if options.lr is not None:
@@ -201,7 +204,9 @@ class TrainingLoop:
     def __init__(self, task, spec: RunSpec, run_dir: Path, device, time_budget_minutes, started):
         self.task, self.spec, self.run_dir, self.device = task, spec, Path(run_dir), device
         self.configuration = spec.configuration
-        self.network = distributed.wrap(task.build_network().to(device), device)
+        self.memory_format = memory_format(self.configuration.dim)
+        network = task.build_network().to(device, memory_format=self.memory_format)
+        self.network = distributed.wrap(network, device)
         self.loss = task.build_loss().to(device)
         self.optimizer = self._build_optimizer()
         self.use_amp = device.type == "cuda"
@@ -306,6 +311,7 @@ class TrainingLoop:
             if step and step % 5 == 0 and distributed.agree(self._budget_spent()):
                 break           # a slower machine than planned: end the epoch, keep the budget
             data, target = self.task.to_device(next(batches), self.device)
+            data = data.contiguous(memory_format=self.memory_format)
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, enabled=self.use_amp):
                 loss = self.loss(self.network(data), target)
