@@ -102,6 +102,15 @@ CPU_REFIT_ROUNDS = 3                # choose, measure the choice, choose again i
 CPU_DEFAULT_BUDGET_MINUTES = 60.0   # CPU plan without a budget: the plan for 60 minutes
 VAL_ITERATION_COST = 0.35           # a validation iteration (forward only) vs a training one
 CPU_LOADER_OVERHEAD = 1.15          # augmentation competes with training for the same cores
+# Whole-image classifier batches cost more to augment per training second (a warp and colour
+# jitter of every image, about 33 ms of one core per batch of 32 at 96x128): HAM10000 epochs
+# of 50 iterations took 11.8 s at 96x128 on 2 cores against a probe of 0.142 s per iteration
+# (x1.49 with the per-epoch check), and 15.5 s at 128x160 against about 0.225 s (x1.23).
+# 1.3 sits between; the learning-rate schedule follows elapsed time, so a plan that is
+# 10 % optimistic still ends its schedule with the budget.
+CLASSIFIER_CPU_LOADER_OVERHEAD = 1.3
+GRAD_CLIP = 12.0                    # gradient-norm clip of training, repeated by the probe
+EPOCH_VALIDATION_PER_CLASS = 100    # classifier's per-epoch check: at most this many images a class
 RESERVE_FRACTION = 0.10             # of the budget kept for final validation and the report
 RESERVE_MIN_SECONDS = 20.0          # small 2D validation sets take seconds; the loop measures the rest
 MIN_ITERATIONS = 500                # fewer optimiser steps than this barely trains a U-Net
@@ -482,7 +491,12 @@ def measure_seconds_per_iteration(configuration: Configuration, device: str = "c
             net = build_unet(configuration, deep_supervision=True)
         layout = memory_format(configuration.dim)      # as training lays the network out
         net = net.to(device, memory_format=layout).train()
-        optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.99, nesterov=True)
+        # The optimiser and clipping training uses: AdamW's step and the gradient-norm pass cost
+        # a ResNet-18 at batch 32 a fifth of an iteration on 2 cores.
+        if configuration.optimizer in ("adam", "adamw"):
+            optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        else:
+            optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.99, nesterov=True)
         shape = [configuration.batch_size, configuration.n_input_channels, *configuration.patch_size]
         x = torch.randn(shape, generator=generator).to(device).contiguous(memory_format=layout)
         use_amp = device == "cuda"
@@ -500,6 +514,7 @@ def measure_seconds_per_iteration(configuration: Configuration, device: str = "c
                     loss = loss + F.cross_entropy(out.float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), GRAD_CLIP)
             optimizer.step()
 
         def sync():
@@ -555,7 +570,10 @@ class SpeedModel:
             return self.exact[self._key(configuration)]
         family = self._family(configuration)
         if family not in self.ratios:
-            reference = replace(configuration, batch_size=MIN_BATCH)
+            # Classifier candidates share one batch size, so the probe measures that batch
+            # (CPU time per sample at batch 2 is far from that at 32); U-Net batches vary.
+            batch = configuration.batch_size if configuration.name == "classifier" else MIN_BATCH
+            reference = replace(configuration, batch_size=batch)
             measured = self._measure(reference)
             if measured is None:
                 return analytic
@@ -633,8 +651,14 @@ def fit_schedule(seconds_per_iteration: float, budget_minutes: float, iterations
     return Schedule(epochs, iterations_per_epoch, val_iterations_per_epoch, seconds_per_iteration, usable)
 
 
-def _per_iteration(seconds: float, device: str) -> float:
-    return seconds * (CPU_LOADER_OVERHEAD if device == "cpu" else 1.0)
+def loader_overhead(configuration: Configuration, device: str) -> float:
+    if device != "cpu":
+        return 1.0
+    return CLASSIFIER_CPU_LOADER_OVERHEAD if configuration.name == "classifier" else CPU_LOADER_OVERHEAD
+
+
+def _per_iteration(seconds: float, configuration: Configuration, device: str) -> float:
+    return seconds * loader_overhead(configuration, device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -872,9 +896,9 @@ class Candidate:
 
 
 def _evaluate(configuration: Configuration, speed: SpeedModel, budget_minutes: float,
-              train_samples: float, sample_size: float) -> Candidate:
-    seconds = _per_iteration(speed.seconds(configuration), speed.device)
-    schedule = fit_schedule(seconds, budget_minutes, CPU_ITERATIONS_PER_EPOCH, CPU_VAL_ITERATIONS)
+              train_samples: float, sample_size: float, val_iterations: int = CPU_VAL_ITERATIONS) -> Candidate:
+    seconds = _per_iteration(speed.seconds(configuration), configuration, speed.device)
+    schedule = fit_schedule(seconds, budget_minutes, CPU_ITERATIONS_PER_EPOCH, val_iterations)
     seen = schedule.iterations * configuration.batch_size * sample_size / train_samples
     return Candidate(configuration, schedule, seen)
 
@@ -966,11 +990,12 @@ def fit_unet_to_time(name, dim, spacing, median_shape, total_voxels, base_featur
 
 
 def _finalise_cpu_schedule(candidate: Candidate, speed: SpeedModel, budget_minutes: float,
-                           train_samples: float, sample_size: float) -> Candidate:
+                           train_samples: float, sample_size: float,
+                           val_iterations: int = CPU_VAL_ITERATIONS) -> Candidate:
     """Measure the chosen candidate itself (probe) and fit the schedule to that figure."""
     config = candidate.configuration
-    seconds = round(_per_iteration(speed.final_seconds(config), speed.device), 4)
-    schedule = fit_schedule(seconds, budget_minutes, CPU_ITERATIONS_PER_EPOCH, CPU_VAL_ITERATIONS)
+    seconds = round(_per_iteration(speed.final_seconds(config), config, speed.device), 4)
+    schedule = fit_schedule(seconds, budget_minutes, CPU_ITERATIONS_PER_EPOCH, val_iterations)
     seen = schedule.iterations * config.batch_size * sample_size / train_samples
     return Candidate(config, schedule, seen)
 
@@ -982,11 +1007,11 @@ def _speed_reason(speed: SpeedModel, seconds: float, configuration: Configuratio
     if speed.measured:
         return (f"{seconds:.3f} s: measured ({PROBE_WARMUP} warm-up + {PROBE_TIMED} timed iterations on "
                 f"{available_cores()} threads, cached in throughput.json)"
-                + (f", x{CPU_LOADER_OVERHEAD} for data loading" if speed.device == "cpu" else ""))
+                + (f", x{loader_overhead(configuration, 'cpu')} for data loading" if speed.device == "cpu" else ""))
     rate = CPU_CONV_GFLOPS[network_family(configuration)]
     return (f"{seconds:.3f} s: analytic (conv FLOPs at {rate:g} GFLOP/s + "
             f"{CPU_ELEMENT_NS:g} ns per feature-map element on {CPU_REFERENCE_THREADS} threads, scaled "
-            f"to {available_cores()}), x{CPU_LOADER_OVERHEAD} for data loading")
+            f"to {available_cores()}), x{loader_overhead(configuration, 'cpu')} for data loading")
 
 
 def _schedule_reason(schedule: Schedule, budget_minutes: float | None, assumed: bool) -> str:
@@ -1267,6 +1292,14 @@ def imbalance_handling(classes: list, counts: dict) -> dict:
                        f"class's {int(present.min())} images up to ~{ratio:.0f}x as often)")}
 
 
+def epoch_validation_iterations(class_counts: dict, n_val: int, batch: int) -> int:
+    """Batches of the classifier's per-epoch check: each class's share of the validation
+    fold, capped at EPOCH_VALIDATION_PER_CLASS images (see ``ClassificationTask``)."""
+    total = sum(class_counts.values()) or 1
+    images = sum(min(EPOCH_VALIDATION_PER_CLASS, n_val * count / total) for count in class_counts.values())
+    return max(1, math.ceil((images or n_val) / batch))
+
+
 def classification_normalization(fingerprint) -> tuple[list, str]:
     if fingerprint.channel_mean and fingerprint.channel_std:
         schemes = [{"scheme": "rgb", "mean": float(m), "std": max(float(s), 1e-6)}
@@ -1300,6 +1333,7 @@ def plan_classifier(dataset, fingerprint, device, budget_gb, budget_minutes, ass
                    f"multiples of 32 keeping the aspect ratio, never upsampling")
     if device == "cpu":
         batch = int(max(MIN_BATCH, min(CLASSIFIER_CPU_BATCH, n_train // 4)))
+        val_its = epoch_validation_iterations(fingerprint.class_counts or {}, n_val, batch)
         candidates = []
         ram = _ram_limit_gb()
         for size in sizes:
@@ -1308,12 +1342,12 @@ def plan_classifier(dataset, fingerprint, device, budget_gb, budget_minutes, ass
                                                    normalization, median_hw)
                 if estimate_training_memory_gb(config, "fp32", "cpu") > ram:
                     continue
-                candidates.append(_evaluate(config, speed, budget_minutes, n_train, 1.0))
+                candidates.append(_evaluate(config, speed, budget_minutes, n_train, 1.0, val_its))
         chosen, why = _choose(candidates, TARGET_EPOCHS_CLASSIFICATION)
         if chosen is None:
             chosen = max(candidates, key=lambda c: c.schedule.iterations)
             why = f"none reaches {MIN_ITERATIONS} iterations: the most iterations possible"
-        chosen = _finalise_cpu_schedule(chosen, speed, budget_minutes, n_train, 1.0)
+        chosen = _finalise_cpu_schedule(chosen, speed, budget_minutes, n_train, 1.0, val_its)
         config, schedule = chosen.configuration, chosen.schedule
         memory = estimate_training_memory_gb(config, "fp32", "cpu")
         reasons["patch_size"] = f"{config.patch_size}: {size_reason}; the largest size the CPU budget allows"

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from autoplan.jsonio import read_json, write_json
+from autoplan.planning import EPOCH_VALIDATION_PER_CLASS
 from autoplan.runs import RunSpec, build_network
 
 
@@ -155,9 +156,6 @@ def _sample_cases(per_case, images, references, predictions, spacings, k=3):
     picks = sorted({int(order[-1]), int(order[len(order) // 2]), int(order[0])}, key=lambda i: -mean_dice(per_case[i]))
     return [{"case": per_case[i]["case"], "image": images[i], "reference": references[i],
              "prediction": predictions[i], "spacing": spacings[i]} for i in picks[:k]]
-
-
-EPOCH_VALIDATION_PER_CLASS = 100
 
 
 class ClassificationTask(_Task):

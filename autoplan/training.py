@@ -22,14 +22,13 @@ from autoplan.jsonio import JsonDataclass, atomic_write_text, to_jsonable
 from autoplan.parallel import progress_enabled
 from autoplan.paths import Folders
 from autoplan.nets import memory_format
-from autoplan.planning import VAL_ITERATION_COST, Configuration, Plan
+from autoplan.planning import GRAD_CLIP, VAL_ITERATION_COST, Configuration, Plan
 from autoplan.runs import RunSpec, TrainOptions
 from autoplan.splits import load_or_create_splits
 from autoplan.tasks import make_task
 
 FEATURE_CAP = {2: 512, 3: 320}
 EMA_DECAY = 0.9          # nnU-Net smooths the pseudo-Dice before picking the best checkpoint
-GRAD_CLIP = 12.0
 
 
 @dataclass
