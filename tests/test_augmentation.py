@@ -111,3 +111,32 @@ def test_classification_default_is_reproducible_and_in_range():
     assert not np.array_equal(first, other)
     grey = classification_transforms("default", (16, 16))(images[..., :1], np.random.default_rng(0))
     assert grey.shape == (4, 16, 16, 1)
+
+
+def _jitter_one_change_at_a_time(batch, rng, amount=0.2, hue=0.05):
+    """Reference: brightness, contrast about the mean grey, saturation, hue rotation in turn."""
+    from autoplan.augmentation import _grey, _hue_matrices
+
+    n = batch.shape[0]
+
+    def factors():
+        return rng.uniform(1 - amount, 1 + amount, size=(n, 1, 1, 1)).astype(np.float32)
+
+    batch = batch * factors()
+    mean = _grey(batch).mean(axis=(1, 2, 3), keepdims=True)
+    batch = (batch - mean) * factors() + mean
+    grey = _grey(batch)
+    batch = grey + (batch - grey) * factors()
+    angles = rng.uniform(-hue, hue, size=n) * 2 * np.pi
+    batch = np.einsum("bhwc,bdc->bhwd", batch, _hue_matrices(angles))
+    return np.clip(batch, 0.0, 1.0)
+
+
+def test_colour_jitter_as_one_matrix_equals_the_changes_in_turn():
+    images = np.random.default_rng(4).random((5, 12, 16, 3), dtype=np.float32)
+    augmenter = ClassificationAugmenter("default", (12, 16))
+    composed = augmenter._jitter(images.copy(), np.random.default_rng(9))
+    reference = _jitter_one_change_at_a_time(images.copy(), np.random.default_rng(9))
+    np.testing.assert_allclose(composed, reference, atol=1e-5)
+    assert not np.allclose(composed, images, atol=1e-2)     # it did change the colours
+

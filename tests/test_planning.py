@@ -406,3 +406,25 @@ def test_labels_that_name_a_side_are_never_mirrored_across_it():
                       labels={"background": 0, "lungs": 1, "heart": 2}, file_ending=".png")
     assert plan_dataset(unsided, fingerprint, device="cuda", gpu_memory_gb=8, probe=False) \
         .configurations["2d"].mirror_axes is None
+
+
+def test_classifier_epoch_check_counts_capped_validation_batches():
+    from autoplan.planning import epoch_validation_iterations
+
+    # HAM10000-like fold of 1700 images: classes of 20% x count, each capped at 100 images
+    counts = {"akiec": 327, "bcc": 514, "bkl": 1099, "df": 115, "mel": 1113, "nv": 6705, "vasc": 142}
+    n_val = 1700
+    share = {c: n_val * k / sum(counts.values()) for c, k in counts.items()}
+    images = sum(min(100, v) for v in share.values())
+    assert epoch_validation_iterations(counts, n_val, 32) == int(np.ceil(images / 32)) == 16
+    assert epoch_validation_iterations({}, 40, 32) == 2
+
+
+def test_training_layout_is_channels_last_for_2d_only():
+    import torch
+
+    from autoplan.nets import memory_format
+
+    assert memory_format(2) == torch.channels_last
+    assert memory_format(3) == torch.contiguous_format
+

@@ -134,6 +134,19 @@ def test_classification_runs_through_the_same_loop(demo):
     assert "val_balanced_accuracy" in read_log(run_dir)[0]
 
 
+def test_label_smoothing_reaches_the_classification_loss(demo):
+    from autoplan.tasks import make_task
+
+    run_dir, _ = train(demo, "derm", epochs=1, iterations_per_epoch=2, label_smoothing=0.1)
+    assert run_dir.parent.name.endswith("-ls0.1")
+    spec = RunSpec.load(run_dir / "plan.json")
+    assert spec.options.label_smoothing == 0.1
+    folders = demo["folders"]
+    split = json.loads((folders.results / "DemoDerm" / "splits.json").read_text())[0]
+    task = make_task(spec, folders.preprocessed / "DemoDerm" / "classifier", split, demo["derm"], n_workers=0)
+    assert task.build_loss().label_smoothing == 0.1
+
+
 def test_torchrun_two_gloo_processes_stay_in_sync(demo):
     folders = demo["folders"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
