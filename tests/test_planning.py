@@ -210,8 +210,8 @@ def test_ham10000_classifier_plan():
     weights = dict(zip(imbalance["classes"], imbalance["class_weights"]))
     assert weights["df"] > weights["mel"] > weights["nv"]
     assert np.mean(imbalance["class_weights"]) == pytest.approx(1.0, abs=1e-3)
-    # (1/frequency)^0.15: df/nv = (5725/96)^0.15
-    assert weights["df"] / weights["nv"] == pytest.approx((5725 / 96) ** 0.15, rel=1e-3)
+    # (1/frequency)^0.25: df/nv = (5725/96)^0.25
+    assert weights["df"] / weights["nv"] == pytest.approx((5725 / 96) ** 0.25, rel=1e-3)
     assert config.estimated_memory_gb <= 8
 
 
