@@ -448,8 +448,10 @@ class ThroughputCache:
         self.measured_now = 0
 
     def key(self, configuration: Configuration) -> str:
+        from autoplan.nets import memory_format
+
         return json.dumps({"device": self.device, "threads": self.threads,
-                           "layout": "channels_last" if configuration.dim == 2 else "contiguous",
+                           "layout": str(memory_format(configuration.dim)),
                            "name": configuration.name, "network": configuration.network,
                            "patch_size": configuration.patch_size,
                            "batch_size": configuration.batch_size,
@@ -475,6 +477,7 @@ def measure_seconds_per_iteration(configuration: Configuration, device: str = "c
     import torch.nn.functional as F
 
     from autoplan.nets import memory_format
+    from autoplan.runs import build_optimizer      # runs imports this module: import late
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(available_cores())
@@ -493,10 +496,8 @@ def measure_seconds_per_iteration(configuration: Configuration, device: str = "c
         net = net.to(device, memory_format=layout).train()
         # The optimiser and clipping training uses: AdamW's step and the gradient-norm pass cost
         # a ResNet-18 at batch 32 a fifth of an iteration on 2 cores.
-        if configuration.optimizer in ("adam", "adamw"):
-            optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-        else:
-            optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.99, nesterov=True)
+        task_type = "classification" if configuration.name == "classifier" else "segmentation"
+        optimizer = build_optimizer(configuration.optimizer, net.parameters(), 1e-4, task_type)
         shape = [configuration.batch_size, configuration.n_input_channels, *configuration.patch_size]
         x = torch.randn(shape, generator=generator).to(device).contiguous(memory_format=layout)
         use_amp = device == "cuda"

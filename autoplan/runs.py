@@ -88,6 +88,17 @@ def build_network(spec: RunSpec, deep_supervision: bool = False) -> torch.nn.Mod
                       deep_supervision=deep_supervision)
 
 
+def build_optimizer(name: str, params, lr: float, task_type: str) -> torch.optim.Optimizer:
+    """The optimiser a run trains with (also what the planner's throughput probe steps)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=3e-5)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2 if task_type == "classification" else 3e-5)
+    raise ValueError(f"unknown optimizer {name!r} (sgd, adam, adamw)")
+
+
 def fold_dirs(model_dir) -> list:
     """A fold_K folder itself, or every fold_K folder inside its parent (an ensemble)."""
     model_dir = Path(model_dir)

@@ -23,7 +23,7 @@ from autoplan.parallel import progress_enabled
 from autoplan.paths import Folders
 from autoplan.nets import memory_format
 from autoplan.planning import GRAD_CLIP, VAL_ITERATION_COST, Configuration, Plan
-from autoplan.runs import RunSpec, TrainOptions
+from autoplan.runs import RunSpec, TrainOptions, build_optimizer
 from autoplan.splits import load_or_create_splits
 from autoplan.tasks import make_task
 
@@ -207,7 +207,8 @@ class TrainingLoop:
         network = task.build_network().to(device, memory_format=self.memory_format)
         self.network = distributed.wrap(network, device)
         self.loss = task.build_loss().to(device)
-        self.optimizer = self._build_optimizer()
+        self.optimizer = build_optimizer(self.configuration.optimizer, self.network.parameters(),
+                                         self.configuration.lr, spec.task_type)
         self.use_amp = device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.started = started
@@ -218,17 +219,6 @@ class TrainingLoop:
         self.log_path = self.run_dir / "log.csv"
 
     # -- optimiser and schedule -------------------------------------------------------------
-    def _build_optimizer(self):
-        name, lr = self.configuration.optimizer, self.configuration.lr
-        params = self.network.parameters()
-        if name == "sgd":
-            return torch.optim.SGD(params, lr=lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
-        if name == "adam":
-            return torch.optim.Adam(params, lr=lr, weight_decay=3e-5)
-        if name == "adamw":
-            return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2 if self.spec.task_type == "classification" else 3e-5)
-        raise ValueError(f"unknown optimizer {name!r} (sgd, adam, adamw)")
-
     def progress(self) -> float:
         fraction = self.epoch / max(1, self.configuration.epochs)
         if self.deadline is not None:
