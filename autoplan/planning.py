@@ -432,6 +432,11 @@ def available_cores() -> int:
 # ---------------------------------------------------------------------------------------
 # Throughput probe: a few real iterations, cached in RESULTS/NAME/throughput.json
 # ---------------------------------------------------------------------------------------
+# Part of every cache key: bump it when what one probe iteration does changes (version 2: fused
+# Adam/AdamW steps), so older measurements are re-taken rather than trusted.
+PROBE_VERSION = 2
+
+
 class ThroughputCache:
     """Measured seconds per iteration by candidate; re-planning reuses them (determinism)."""
 
@@ -450,7 +455,7 @@ class ThroughputCache:
     def key(self, configuration: Configuration) -> str:
         from autoplan.nets import memory_format
 
-        return json.dumps({"device": self.device, "threads": self.threads,
+        return json.dumps({"probe": PROBE_VERSION, "device": self.device, "threads": self.threads,
                            "layout": str(memory_format(configuration.dim)),
                            "name": configuration.name, "network": configuration.network,
                            "patch_size": configuration.patch_size,
@@ -465,8 +470,9 @@ class ThroughputCache:
             self.measured_now += 1
             if self.path is not None:
                 write_json(self.path, {"note": "seconds per training iteration measured by the "
-                                               "planner's probe (forward+backward+SGD step on random "
-                                               "data); delete to re-measure",
+                                               "planner's probe (forward, backward and the "
+                                               "configuration's optimiser step on random data); "
+                                               "delete to re-measure",
                                        "entries": self.entries})
         return float(self.entries[key])
 
