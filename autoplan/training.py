@@ -29,6 +29,11 @@ from autoplan.tasks import make_task
 
 FEATURE_CAP = {2: 512, 3: 320}
 EMA_DECAY = 0.9          # nnU-Net smooths the pseudo-Dice before picking the best checkpoint
+# Under a time budget the plan's epoch count comes from a probe of a machine whose speed drifts
+# (measured: +-20 % between days on the shared 2-core box). The run may train up to this many
+# times the planned epochs, and its schedule follows the clock, so a faster machine uses the
+# budget instead of stopping early with time left. Epochs a user sets with --epochs stay exact.
+EPOCH_HEADROOM = 1.5
 
 
 @dataclass
@@ -213,6 +218,9 @@ class TrainingLoop:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.started = started
         self.deadline = None if not time_budget_minutes else started + 60 * time_budget_minutes
+        self.max_epochs = self.configuration.epochs
+        if self.deadline is not None and not spec.options.epochs:
+            self.max_epochs = math.ceil(self.configuration.epochs * EPOCH_HEADROOM)
         self.epoch, self.iterations, self.train_seconds = 0, 0, 0.0
         self.ema, self.best_ema, self.best_epoch = None, -math.inf, 0
         self.stopped_by = "epochs"
@@ -220,7 +228,7 @@ class TrainingLoop:
 
     # -- optimiser and schedule -------------------------------------------------------------
     def progress(self) -> float:
-        fraction = self.epoch / max(1, self.configuration.epochs)
+        fraction = self.epoch / max(1, self.max_epochs)
         if self.deadline is not None:
             available = self.deadline - self.started - self.reserve_seconds()
             fraction = max(fraction, (time.monotonic() - self.started) / max(1.0, available))
@@ -266,7 +274,7 @@ class TrainingLoop:
             self._write_log_header()
         seed = self.spec.options.seed * 1000 + self.spec.fold * 100 + self.epoch + 7919 * distributed.rank()
         with self.task.train_loader(seed) as train_batches:
-            while self.epoch < self.configuration.epochs:
+            while self.epoch < self.max_epochs:
                 # the first epoch always starts (and stops after a few steps if the budget is
                 # already spent): reporting an untrained network would be worse than a small overrun
                 if self.epoch > 0 and distributed.agree(self._out_of_time()):

@@ -126,6 +126,24 @@ def test_time_budget_is_honoured(demo):
     assert lrs[-1] < lrs[0] * 0.5             # the schedule follows the budget, not the epoch cap
 
 
+def test_a_faster_machine_than_planned_uses_the_budget_up_to_the_headroom(demo):
+    from dataclasses import replace
+
+    from autoplan.training import EPOCH_HEADROOM
+
+    plan = pipeline.load_plan(demo["xray"], demo["folders"])
+    planned = replace(plan.configurations["2d"], epochs=2, iterations_per_epoch=2)
+    plan = replace(plan, configurations={**plan.configurations, "2d": planned})
+    options = TrainOptions(**{**TINY, "epochs": None, "iterations_per_epoch": None},
+                           time_budget_minutes=5, run_name="headroom")
+    run = pipeline.train(demo["xray"], demo["folders"], options, plan_result=plan)[0]
+    # two planned epochs take seconds of a 5-minute budget: the run goes on to the headroom cap
+    assert run.epochs_completed == int(np.ceil(2 * EPOCH_HEADROOM)) == 3
+    assert run.stopped_by == "epochs"
+    lrs = [float(r["lr"]) for r in read_log(Path(run.run_dir))]
+    assert lrs[-1] < lrs[0]
+
+
 def test_classification_runs_through_the_same_loop(demo):
     run_dir, run = train(demo, "derm", epochs=2, iterations_per_epoch=4, loss="ce_focal", run_name="cls")
     metrics = json.loads((run_dir / "metrics.json").read_text())

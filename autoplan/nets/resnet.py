@@ -99,12 +99,6 @@ class ResNet(nn.Module):
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        # Each block's last BatchNorm starts at zero, so every block starts as the identity and the
-        # untrained net behaves like a shallow one (Goyal et al. 2017; timm's default): from scratch
-        # in a short CPU budget, early steps are not spent undoing random residual branches.
-        for module in self.modules():
-            if isinstance(module, (BasicBlock, Bottleneck)):
-                nn.init.zeros_(module.bn3.weight if isinstance(module, Bottleneck) else module.bn2.weight)
 
     def features(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
