@@ -320,6 +320,30 @@ def test_probe_cache_makes_replanning_deterministic(tmp_path, monkeypatch):
     assert "measured" in first.configurations["2d"].reasons["expected_seconds_per_iteration"]
 
 
+def test_probe_cache_entries_of_another_probe_version_are_measured_again(tmp_path, monkeypatch):
+    import autoplan.planning as planning
+
+    calls = []
+
+    def fake_measure(configuration, device="cpu"):
+        calls.append(configuration.batch_size)
+        return estimate_seconds_per_iteration(configuration) * 1.3
+
+    monkeypatch.setattr(planning, "measure_seconds_per_iteration", fake_measure)
+    fp = jsrt_fingerprint()
+    plan_dataset("TaskXRay", fp, device="cpu", time_budget_minutes=10, results_dir=tmp_path)
+    path = tmp_path / "TaskXRay" / "throughput.json"
+    cache = json.loads(path.read_text())
+    n_calls = len(calls)
+    # the same entries as version 1 keyed them (no version field; its optimiser step was slower)
+    old = {json.dumps({k: v for k, v in json.loads(key).items() if k != "probe"}, sort_keys=True): value
+           for key, value in cache["entries"].items()}
+    assert old.keys() != cache["entries"].keys()
+    path.write_text(json.dumps({"entries": old}))
+    plan_dataset("TaskXRay", fp, device="cpu", time_budget_minutes=10, results_dir=tmp_path)
+    assert len(calls) == 2 * n_calls
+
+
 def test_failing_probe_falls_back_to_the_analytic_model(tmp_path, monkeypatch):
     import autoplan.planning as planning
 
