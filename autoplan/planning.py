@@ -658,6 +658,17 @@ def fit_schedule(seconds_per_iteration: float, budget_minutes: float, iterations
     return Schedule(epochs, iterations_per_epoch, val_iterations_per_epoch, seconds_per_iteration, usable)
 
 
+def epochs_fill_budget(configuration: Configuration, budget_minutes: float | None) -> bool:
+    """Whether ``budget_minutes`` is what limits the configuration's epochs (one more planned
+    epoch would not fit, as in ``fit_schedule``), rather than a maximum or a longer budget."""
+    seconds = configuration.expected_seconds_per_iteration
+    if not budget_minutes or not seconds:
+        return False
+    epoch_seconds = seconds * (configuration.iterations_per_epoch
+                               + VAL_ITERATION_COST * (configuration.val_iterations_per_epoch or 0))
+    return (configuration.epochs + 1) * epoch_seconds > training_seconds(budget_minutes)
+
+
 def loader_overhead(configuration: Configuration, device: str) -> float:
     if device != "cpu":
         return 1.0

@@ -22,17 +22,17 @@ from autoplan.jsonio import JsonDataclass, atomic_write_text, to_jsonable
 from autoplan.parallel import progress_enabled
 from autoplan.paths import Folders
 from autoplan.nets import memory_format
-from autoplan.planning import GRAD_CLIP, VAL_ITERATION_COST, Configuration, Plan
+from autoplan.planning import GRAD_CLIP, VAL_ITERATION_COST, Configuration, Plan, epochs_fill_budget
 from autoplan.runs import RunSpec, TrainOptions, build_optimizer
 from autoplan.splits import load_or_create_splits
 from autoplan.tasks import make_task
 
 FEATURE_CAP = {2: 512, 3: 320}
 EMA_DECAY = 0.9          # nnU-Net smooths the pseudo-Dice before picking the best checkpoint
-# Under a time budget the plan's epoch count comes from a probe of a machine whose speed drifts
-# (measured: +-20 % between days on the shared 2-core box). The run may train up to this many
-# times the planned epochs, and its schedule follows the clock, so a faster machine uses the
-# budget instead of stopping early with time left. Epochs a user sets with --epochs stay exact.
+# Where the time budget set the plan's epoch count, that count comes from a probe of a machine
+# whose speed drifts (+-20 % between days on the shared 2-core box). The run may then train up to
+# this many times the planned epochs, its schedule following the clock, so a faster machine uses
+# the budget instead of stopping early. Epochs capped by a maximum, or set with --epochs, stay.
 EPOCH_HEADROOM = 1.5
 
 
@@ -219,7 +219,7 @@ class TrainingLoop:
         self.started = started
         self.deadline = None if not time_budget_minutes else started + 60 * time_budget_minutes
         self.max_epochs = self.configuration.epochs
-        if self.deadline is not None and not spec.options.epochs:
+        if not spec.options.epochs and epochs_fill_budget(self.configuration, time_budget_minutes):
             self.max_epochs = math.ceil(self.configuration.epochs * EPOCH_HEADROOM)
         self.epoch, self.iterations, self.train_seconds = 0, 0, 0.0
         self.ema, self.best_ema, self.best_epoch = None, -math.inf, 0

@@ -126,22 +126,33 @@ def test_time_budget_is_honoured(demo):
     assert lrs[-1] < lrs[0] * 0.5             # the schedule follows the budget, not the epoch cap
 
 
-def test_a_faster_machine_than_planned_uses_the_budget_up_to_the_headroom(demo):
+def _train_planned(demo, run_name, **planned):
+    """Train the xray demo with the plan's own epochs (no --epochs) under a 5-minute budget."""
     from dataclasses import replace
 
+    plan = pipeline.load_plan(demo["xray"], demo["folders"])
+    configuration = replace(plan.configurations["2d"], epochs=2, iterations_per_epoch=2, **planned)
+    plan = replace(plan, configurations={**plan.configurations, "2d": configuration})
+    options = TrainOptions(**{**TINY, "epochs": None, "iterations_per_epoch": None},
+                           time_budget_minutes=5, run_name=run_name)
+    return pipeline.train(demo["xray"], demo["folders"], options, plan_result=plan)[0]
+
+
+def test_a_faster_machine_than_planned_uses_the_budget_up_to_the_headroom(demo):
     from autoplan.training import EPOCH_HEADROOM
 
-    plan = pipeline.load_plan(demo["xray"], demo["folders"])
-    planned = replace(plan.configurations["2d"], epochs=2, iterations_per_epoch=2)
-    plan = replace(plan, configurations={**plan.configurations, "2d": planned})
-    options = TrainOptions(**{**TINY, "epochs": None, "iterations_per_epoch": None},
-                           time_budget_minutes=5, run_name="headroom")
-    run = pipeline.train(demo["xray"], demo["folders"], options, plan_result=plan)[0]
-    # two planned epochs take seconds of a 5-minute budget: the run goes on to the headroom cap
+    # planned at 60 s per iteration, two epochs fill the budget; the machine is far faster
+    run = _train_planned(demo, "headroom", expected_seconds_per_iteration=60.0)
     assert run.epochs_completed == int(np.ceil(2 * EPOCH_HEADROOM)) == 3
     assert run.stopped_by == "epochs"
     lrs = [float(r["lr"]) for r in read_log(Path(run.run_dir))]
     assert lrs[-1] < lrs[0]
+
+
+def test_epochs_capped_below_the_budget_stay_as_planned(demo):
+    # planned at 0.1 s per iteration, two epochs take seconds: a maximum capped them, not the budget
+    run = _train_planned(demo, "capped", expected_seconds_per_iteration=0.1)
+    assert run.epochs_completed == 2
 
 
 def test_classification_runs_through_the_same_loop(demo):
