@@ -642,17 +642,22 @@ def training_seconds(budget_minutes: float) -> float:
     return budget - reserve
 
 
+def epoch_seconds(seconds_per_iteration: float, iterations_per_epoch: int, val_iterations_per_epoch: int) -> float:
+    """Planned seconds of one epoch: its training iterations plus the per-epoch check's."""
+    return seconds_per_iteration * (iterations_per_epoch + VAL_ITERATION_COST * val_iterations_per_epoch)
+
+
 def fit_schedule(seconds_per_iteration: float, budget_minutes: float, iterations_per_epoch: int,
                  val_iterations_per_epoch: int, max_epochs: int | None = None) -> Schedule:
     usable = training_seconds(budget_minutes)
-    epoch_seconds = seconds_per_iteration * (iterations_per_epoch + VAL_ITERATION_COST * val_iterations_per_epoch)
-    if usable < MIN_EPOCHS * epoch_seconds:
+    seconds_per_epoch = epoch_seconds(seconds_per_iteration, iterations_per_epoch, val_iterations_per_epoch)
+    if usable < MIN_EPOCHS * seconds_per_epoch:
         # short budgets: shorter epochs, so the curves, the best-checkpoint choice and the
         # stopping decision still have several epochs to work with
         iterations_per_epoch = max(2, int(usable / (MIN_EPOCHS * seconds_per_iteration)
                                           - VAL_ITERATION_COST * val_iterations_per_epoch))
-        epoch_seconds = seconds_per_iteration * (iterations_per_epoch + VAL_ITERATION_COST * val_iterations_per_epoch)
-    epochs = max(1, int(usable // epoch_seconds))
+        seconds_per_epoch = epoch_seconds(seconds_per_iteration, iterations_per_epoch, val_iterations_per_epoch)
+    epochs = max(1, int(usable // seconds_per_epoch))
     if max_epochs is not None:
         epochs = min(epochs, max_epochs)
     return Schedule(epochs, iterations_per_epoch, val_iterations_per_epoch, seconds_per_iteration, usable)
@@ -664,9 +669,9 @@ def epochs_fill_budget(configuration: Configuration, budget_minutes: float | Non
     seconds = configuration.expected_seconds_per_iteration
     if not budget_minutes or not seconds:
         return False
-    epoch_seconds = seconds * (configuration.iterations_per_epoch
-                               + VAL_ITERATION_COST * (configuration.val_iterations_per_epoch or 0))
-    return (configuration.epochs + 1) * epoch_seconds > training_seconds(budget_minutes)
+    per_epoch = epoch_seconds(seconds, configuration.iterations_per_epoch,
+                              configuration.val_iterations_per_epoch or 0)
+    return (configuration.epochs + 1) * per_epoch > training_seconds(budget_minutes)
 
 
 def loader_overhead(configuration: Configuration, device: str) -> float:
