@@ -9,9 +9,7 @@ grid. :func:`preprocess_dataset` writes the cache the loaders read::
     PRE/NAME/CFG/CASE.json      CaseProperties (written last; holds the cache stamp)
 
 Classification datasets are resized once into ``PRE/NAME/classifier/images.npy``
-(uint8, N x H x W x C, the plan's input size: validation and evaluation), into
-``train_images.npy`` (TRAIN_IMAGE_SCALE times larger: the source of training crops) and
-``index.json``.
+(uint8, N x H x W x C) plus ``index.json``.
 
 Order of operations follows nnU-Net v2: crop, then normalise (so the nonzero mask
 still fits the image exactly), then resample.
@@ -51,12 +49,6 @@ LOCATION_SEED = 1234
 # Bump when the cached arrays would change for the same inputs and configuration.
 CACHE_VERSION = 1
 CLASSIFICATION_CHUNK = 512
-# Training crops cover 70-100 % of an image's area and are resized to the input size. Cut
-# from an input-sized copy they were upsampled up to 1/sqrt(0.7) = 1.2x, so the network
-# learnt on blurrier images than it is tested on (a HAM10000 model scored higher on
-# validation images blurred that way than on sharp ones). A 1.2x copy makes every crop a
-# downsampling, as at test time, and keeps the detail the crop would otherwise lose.
-TRAIN_IMAGE_SCALE = 1.2
 
 
 @dataclass
@@ -313,8 +305,6 @@ def preprocessing_stamp(configuration, source_files) -> str:
         "n_input_channels": configuration.n_input_channels,
         "sources": [_file_signature(path) for path in source_files],
     }
-    if configuration.name == "classifier":
-        relevant["train_image_scale"] = TRAIN_IMAGE_SCALE
     text = json.dumps(to_jsonable(relevant), sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()
 
@@ -430,14 +420,9 @@ def _preprocess_and_save(case, configuration, out_dir, label_ids):
 # ----------------------------------------------------------------------------- classification
 
 
-def train_image_size(patch_size) -> list:
-    """Edge lengths of the stored training images (``train_images.npy``) for an input size."""
-    return [int(round(n * TRAIN_IMAGE_SCALE)) for n in patch_size]
-
-
-def load_classification_image(image, configuration, size=None) -> np.ndarray:
-    """uint8 (H, W, C) resized (bilinear, antialiased) to ``size`` (default: the input size)."""
-    height, width = [int(n) for n in (size or configuration.patch_size)]
+def load_classification_image(image, configuration) -> np.ndarray:
+    """uint8 (H, W, C) resized (bilinear, antialiased) to the configuration's input size."""
+    height, width = [int(n) for n in configuration.patch_size]
     channels = int(configuration.n_input_channels)
     pixels = np.asarray(image.array)
     if pixels.ndim != 3:
@@ -495,20 +480,16 @@ class ClassificationIndex(JsonDataclass):
     classes: list
     shape: list = field(default_factory=list)   # of images.npy
     stamp: str = ""
-    train_shape: list = field(default_factory=list)   # of train_images.npy
 
 
 def preprocess_classification(dataset, configuration, out_dir, n_jobs=None) -> Path:
-    """images.npy and train_images.npy (uint8 (N, H, W, C)) + index.json, rebuilt only when
-    inputs or plan changed."""
+    """images.npy uint8 (N, H, W, C) + index.json, rebuilt only when inputs or plan changed."""
     out_dir = Path(out_dir)
     classes = list(dataset.classes or sorted({c.class_name for c in dataset.cases}))
     sources = [path for case in dataset.cases for path in case.images]
     stamp = preprocessing_stamp(configuration, sources)
-    index_path = out_dir / "index.json"
-    arrays = {"images.npy": [int(n) for n in configuration.patch_size],
-              "train_images.npy": train_image_size(configuration.patch_size)}
-    if index_path.is_file() and all((out_dir / name).is_file() for name in arrays):
+    index_path, images_path = out_dir / "index.json", out_dir / "images.npy"
+    if index_path.is_file() and images_path.is_file():
         try:
             if read_json(index_path).get("stamp") == stamp:
                 return out_dir
@@ -520,45 +501,32 @@ def preprocess_classification(dataset, configuration, out_dir, n_jobs=None) -> P
             raise InputError(dataset.root / "dataset.json",
                              f"case {case.id!r} has class {case.class_name!r}, not in {classes}")
         labels.append(classes.index(case.class_name))
+    height, width = [int(n) for n in configuration.patch_size]
+    shape = (len(dataset.cases), height, width, int(configuration.n_input_channels))
     out_dir.mkdir(parents=True, exist_ok=True)
     index_path.unlink(missing_ok=True)
-    shapes = {name: (len(dataset.cases), *size, int(configuration.n_input_channels))
-              for name, size in arrays.items()}
-    _write_image_arrays(dataset.cases, configuration, out_dir, shapes, n_jobs)
+    temporary = out_dir / f".images.{os.getpid()}.npy"
+    try:
+        images = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
+        worker = functools.partial(_classification_pixels, configuration=configuration)
+        # Chunks bound the memory held by results in flight (HAM10000 at 224 px is 1.3 GB).
+        for start in range(0, len(dataset.cases), CLASSIFICATION_CHUNK):
+            chunk = dataset.cases[start:start + CLASSIFICATION_CHUNK]
+            pixels = parallel_map(worker, chunk, n_jobs=n_jobs,
+                                  desc=f"resize {start + len(chunk)}/{len(dataset.cases)}")
+            images[start:start + len(chunk)] = np.stack(pixels)
+        images.flush()
+        del images
+        os.replace(temporary, images_path)
+    finally:
+        temporary.unlink(missing_ok=True)
     write_json(out_dir / "configuration.json", configuration)
     ClassificationIndex(
         cases=[c.id for c in dataset.cases], labels=labels, groups=[c.group for c in dataset.cases],
-        classes=classes, shape=list(shapes["images.npy"]), stamp=stamp,
-        train_shape=list(shapes["train_images.npy"]),
+        classes=classes, shape=list(shape), stamp=stamp,
     ).save(index_path)
     return out_dir
 
 
-def _write_image_arrays(cases, configuration, out_dir, shapes: dict, n_jobs) -> None:
-    """Fill one uint8 array per name in ``shapes`` (each image decoded once), then rename."""
-    temporaries = {name: out_dir / f".{Path(name).stem}.{os.getpid()}.npy" for name in shapes}
-    try:
-        arrays = [np.lib.format.open_memmap(temporaries[name], mode="w+", dtype=np.uint8, shape=shape)
-                  for name, shape in shapes.items()]
-        sizes = [shape[1:3] for shape in shapes.values()]
-        worker = functools.partial(_classification_pixels, configuration=configuration, sizes=sizes)
-        # Chunks bound the memory held by results in flight (HAM10000 at 224 px is 1.3 GB).
-        for start in range(0, len(cases), CLASSIFICATION_CHUNK):
-            chunk = cases[start:start + CLASSIFICATION_CHUNK]
-            results = parallel_map(worker, chunk, n_jobs=n_jobs, desc=f"resize {start + len(chunk)}/{len(cases)}")
-            for k, array in enumerate(arrays):
-                array[start:start + len(chunk)] = np.stack([pixels[k] for pixels in results])
-        for array in arrays:
-            array.flush()
-        del arrays
-        for name, temporary in temporaries.items():
-            os.replace(temporary, out_dir / name)
-    finally:
-        for temporary in temporaries.values():
-            temporary.unlink(missing_ok=True)
-
-
-def _classification_pixels(case, configuration, sizes):
-    """The case's image resized to each of ``sizes`` (decoded once)."""
-    image = read_case_images(case)
-    return [load_classification_image(image, configuration, size) for size in sizes]
+def _classification_pixels(case, configuration):
+    return load_classification_image(read_case_images(case), configuration)

@@ -167,18 +167,10 @@ class ClassificationTask(_Task):
         self.cases = index["cases"]
         self.labels = np.asarray(index["labels"], dtype=np.int64)
         self.images = np.load(self.preprocessed_dir / "images.npy", mmap_mode="r")
-        self.train_images = self._training_source()
         position = {case: i for i, case in enumerate(self.cases)}
         self.train_indices = np.array([position[c] for c in split["train"]])
         self.val_indices = np.array([position[c] for c in split["val"]])
         self.classes = spec.classes
-
-    def _training_source(self):
-        """The larger copy that random crops are cut from; augment 'none' trains on the input size."""
-        larger = self.preprocessed_dir / "train_images.npy"
-        if self.configuration.augment == "none" or not larger.is_file():
-            return self.images
-        return np.load(larger, mmap_mode="r")
 
     def build_network(self):
         network = build_network(self.spec)
@@ -205,7 +197,7 @@ class ClassificationTask(_Task):
         from autoplan.loading import ClassificationLoader
 
         balanced = (self.configuration.imbalance or {}).get("strategy") == "balanced_sampling"
-        return ClassificationLoader(self.train_images, self.labels, self.train_indices, self.configuration,
+        return ClassificationLoader(self.images, self.labels, self.train_indices, self.configuration,
                                     augment=self.configuration.augment,
                                     batch_size=self.configuration.batch_size,
                                     balanced_sampling=balanced, n_workers=self.n_workers, seed=seed)

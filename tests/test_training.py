@@ -176,27 +176,6 @@ def test_label_smoothing_reaches_the_classification_loss(demo):
     assert task.build_loss().label_smoothing == 0.1
 
 
-def test_classifier_crops_come_from_the_larger_training_copy(demo):
-    from dataclasses import replace
-
-    from autoplan.tasks import make_task
-
-    run_dir, _ = train(demo, "derm", epochs=1, iterations_per_epoch=2)
-    spec = RunSpec.load(run_dir / "plan.json")
-    folders = demo["folders"]
-    split = json.loads((folders.results / "DemoDerm" / "splits.json").read_text())[0]
-    pre = folders.preprocessed / "DemoDerm" / "classifier"
-    task = make_task(spec, pre, split, demo["derm"], n_workers=0)
-    height, width = spec.configuration.patch_size
-    assert task.train_images.shape[1:3] == (round(height * 1.2), round(width * 1.2))
-    assert task.images.shape[1:3] == (height, width)
-    with task.train_loader(seed=0) as loader:
-        assert next(loader)["data"].shape[2:] == (height, width)
-    # Without augmentation nothing crops, so training reads the input-sized images.
-    plain = replace(spec, configuration=replace(spec.configuration, augment="none"))
-    assert make_task(plain, pre, split, demo["derm"], n_workers=0).train_images.shape[1:3] == (height, width)
-
-
 def test_torchrun_two_gloo_processes_stay_in_sync(demo):
     folders = demo["folders"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
