@@ -35,7 +35,6 @@ class _Task:
 
 class SegmentationTask(_Task):
     metric = "dice"             # the headline validation metric (pseudo-Dice on patches)
-    average_weights = False     # nnU-Net's recipe, benchmarked as is
 
     def __init__(self, spec: RunSpec, preprocessed_dir: Path, split: dict, raw_dataset, n_workers=None):
         super().__init__(spec, preprocessed_dir, split, raw_dataset, n_workers)
@@ -161,7 +160,6 @@ def _sample_cases(per_case, images, references, predictions, spacings, k=3):
 
 class ClassificationTask(_Task):
     metric = "balanced_accuracy"
-    average_weights = True      # see training.WEIGHT_AVERAGE_HORIZON
 
     def __init__(self, spec: RunSpec, preprocessed_dir: Path, split: dict, raw_dataset, n_workers=None):
         super().__init__(spec, preprocessed_dir, split, raw_dataset, n_workers)

@@ -5,7 +5,6 @@ elapsed fraction of the time budget, so the learning rate reaches its floor when
 budget runs out even if the machine is slower than the planner expected.
 """
 
-import copy
 import csv
 import math
 import os
@@ -35,10 +34,6 @@ EMA_DECAY = 0.9          # nnU-Net smooths the pseudo-Dice before picking the be
 # this many times the planned epochs, its schedule following the clock, so a faster machine uses
 # the budget instead of stopping early. Epochs capped by a maximum, or set with --epochs, stay.
 EPOCH_HEADROOM = 1.5
-# Tasks with ``average_weights`` validate, checkpoint and report an exponential moving average
-# of the weights (timm's ModelEma, YOLO's ModelEMA) spanning about this fraction of the planned
-# iterations: a short, noisy CPU schedule ends on a better point than its last step.
-WEIGHT_AVERAGE_HORIZON = 0.1
 
 
 @dataclass
@@ -209,33 +204,6 @@ def headline_metrics(metrics: dict) -> dict:
 # --------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------
-class WeightAverage:
-    """Exponential moving average of a network's floating-point parameters and buffers.
-
-    BatchNorm running statistics are averaged too; integer buffers follow the network.
-    The decay ramps up as (1 + n) / (10 + n) so that early averages are not dominated by the
-    random initialisation.
-    """
-
-    def __init__(self, network: torch.nn.Module, horizon_steps: float):
-        self.network = copy.deepcopy(network).eval()
-        for parameter in self.network.parameters():
-            parameter.requires_grad_(False)
-        self.decay = 1.0 - 1.0 / max(1.0, float(horizon_steps))
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, network: torch.nn.Module) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        pairs = list(zip(self.network.state_dict().values(), network.state_dict().values()))
-        floats = [(mine, theirs) for mine, theirs in pairs if mine.dtype.is_floating_point]
-        torch._foreach_lerp_([m for m, _ in floats], [t.detach() for _, t in floats], 1.0 - decay)
-        for mine, theirs in pairs:
-            if not mine.dtype.is_floating_point:
-                mine.copy_(theirs)
-
-
 class TrainingLoop:
     def __init__(self, task, spec: RunSpec, run_dir: Path, device, time_budget_minutes, started):
         self.task, self.spec, self.run_dir, self.device = task, spec, Path(run_dir), device
@@ -244,10 +212,6 @@ class TrainingLoop:
         network = task.build_network().to(device, memory_format=self.memory_format)
         self.network = distributed.wrap(network, device)
         self.loss = task.build_loss().to(device)
-        self.average = None
-        if task.average_weights:
-            planned = self.configuration.epochs * self.configuration.iterations_per_epoch
-            self.average = WeightAverage(network, WEIGHT_AVERAGE_HORIZON * planned)
         self.optimizer = build_optimizer(self.configuration.optimizer, self.network.parameters(),
                                          self.configuration.lr, spec.task_type)
         self.use_amp = device.type == "cuda"
@@ -353,20 +317,13 @@ class TrainingLoop:
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), GRAD_CLIP)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            if self.average is not None:
-                self.average.update(distributed.unwrap(self.network))
             losses.append(loss.item())
             self.iterations += 1
         return float(np.mean(losses))
 
-    def evaluated_network(self) -> torch.nn.Module:
-        """What validation, checkpoints' ``model`` and the report use: the average, if kept."""
-        return self.average.network if self.average is not None else self.network
-
     @torch.no_grad()
     def _validate_epoch(self):
-        network = self.evaluated_network()
-        network.eval()
+        self.network.eval()
         tally, losses = self.task.new_tally(), []
         n_batches = self.configuration.val_iterations_per_epoch or 5
         with self.task.val_loader(seed=1234) as batches:
@@ -375,7 +332,7 @@ class TrainingLoop:
                     break
                 data, target = self.task.to_device(batch, self.device)
                 with torch.autocast(self.device.type, enabled=self.use_amp):
-                    outputs = network(data)
+                    outputs = self.network(data)
                     losses.append(self.task.validation_loss(outputs, target).item())
                 self.task.tally(tally, outputs, target)
         return float(np.mean(losses)) if losses else float("nan"), self.task.scores(tally)
@@ -411,11 +368,7 @@ class TrainingLoop:
         atomic_write_text(self.log_path, "\n".join(lines) + "\n")
 
     def _state(self) -> dict:
-        # "model" is what inference loads; with an average the trained weights ride along for --resume
-        averaged = {} if self.average is None else {
-            "trained_model": distributed.unwrap(self.network).state_dict(), "average_updates": self.average.updates}
-        return {"model": distributed.unwrap(self.evaluated_network()).state_dict(), **averaged,
-                "optimizer": self.optimizer.state_dict(),
+        return {"model": distributed.unwrap(self.network).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iterations": self.iterations,
                 "train_seconds": self.train_seconds, "ema": self.ema, "best_ema": self.best_ema,
                 "best_epoch": self.best_epoch, "elapsed": time.monotonic() - self.started,
@@ -435,10 +388,7 @@ class TrainingLoop:
             self._write_log_header()
             return
         state = torch.load(path, map_location=self.device, weights_only=False)
-        distributed.unwrap(self.network).load_state_dict(state.get("trained_model", state["model"]))
-        if self.average is not None:
-            self.average.network.load_state_dict(state["model"])
-            self.average.updates = state.get("average_updates", 0)
+        distributed.unwrap(self.network).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.iterations = state["epoch"], state["iterations"]
@@ -457,16 +407,16 @@ class TrainingLoop:
         """Final checkpoint, best weights back in, full validation, metrics.json and report."""
         self._save_checkpoint("checkpoint_final.pt")
         best = self.run_dir / "checkpoint_best.pt"
-        evaluated = distributed.unwrap(self.evaluated_network())
         if best.is_file():
-            evaluated.load_state_dict(torch.load(best, map_location=self.device, weights_only=False)["model"])
+            distributed.unwrap(self.network).load_state_dict(
+                torch.load(best, map_location=self.device, weights_only=False)["model"])
         run_info = {"dataset": self.spec.dataset, "configuration": to_jsonable(self.configuration),
                     "options": to_jsonable(self.spec.options), "fold": self.spec.fold,
                     "device": str(self.device), "epochs_completed": self.epoch,
                     "iterations": self.iterations, "best_epoch": self.best_epoch,
                     "train_minutes": round(self.train_seconds / 60, 2), "stopped_by": self.stopped_by,
                     "citations": self.task.dataset.description.get("citation")}
-        return self.task.final_validation(evaluated, self.run_dir, self.device, run_info)
+        return self.task.final_validation(distributed.unwrap(self.network), self.run_dir, self.device, run_info)
 
 
 def _csv_value(value) -> str:

@@ -176,49 +176,6 @@ def test_label_smoothing_reaches_the_classification_loss(demo):
     assert task.build_loss().label_smoothing == 0.1
 
 
-def test_weight_average_follows_the_weights_with_its_decay():
-    from autoplan.training import WeightAverage
-
-    network = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-    average = WeightAverage(network, horizon_steps=4)          # decay 0.75 once ramped up
-    assert average.decay == 0.75 and not any(p.requires_grad for p in average.network.parameters())
-    start = average.network[0].weight.clone()
-    with torch.no_grad():
-        network[0].weight.add_(1.0)
-    network[1].num_batches_tracked += 5
-    average.update(network)                                    # ramp: decay min(0.75, 2/11)
-    np.testing.assert_allclose(average.network[0].weight, start + 1 - 2 / 11, rtol=1e-6)
-    assert int(average.network[1].num_batches_tracked) == 5   # integer buffers are copied
-    for _ in range(200):
-        average.update(network)
-    np.testing.assert_allclose(average.network[0].weight, network[0].weight.detach(), rtol=1e-5)
-
-
-def test_classifier_checkpoints_hold_the_average_and_the_trained_weights(demo):
-    # 20 planned steps: an average over 10 % of them (decay 0.5) differs from the last weights
-    run_dir, _ = train(demo, "derm", epochs=4, iterations_per_epoch=5, run_name="averaged")
-    state = torch.load(run_dir / "checkpoint_latest.pt", weights_only=False)
-    assert state["average_updates"] == 20
-    key = "fc.weight"
-    assert not torch.equal(state["model"][key], state["trained_model"][key])
-    # resuming puts the trained weights back into training and the average into the average
-    spec = RunSpec.load(run_dir / "plan.json")
-    from autoplan.tasks import make_task
-    from autoplan.training import TrainingLoop
-
-    folders = demo["folders"]
-    split = json.loads((folders.results / "DemoDerm" / "splits.json").read_text())[0]
-    task = make_task(spec, folders.preprocessed / "DemoDerm" / "classifier", split, demo["derm"], n_workers=0)
-    loop = TrainingLoop(task, spec, run_dir, torch.device("cpu"), None, time.monotonic())
-    loop._load_latest()
-    assert torch.equal(loop.network.state_dict()[key], state["trained_model"][key])
-    assert torch.equal(loop.average.network.state_dict()[key], state["model"][key])
-    assert loop.average.updates == 20
-    segmentation = torch.load(train(demo, "xray", epochs=1, iterations_per_epoch=2,
-                                    run_name="plain")[0] / "checkpoint_latest.pt", weights_only=False)
-    assert "trained_model" not in segmentation
-
-
 def test_torchrun_two_gloo_processes_stay_in_sync(demo):
     folders = demo["folders"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
