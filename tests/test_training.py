@@ -155,6 +155,15 @@ def test_epochs_capped_below_the_budget_stay_as_planned(demo):
     assert run.epochs_completed == 2
 
 
+def test_two_cores_keep_classifier_augmentation_in_process(monkeypatch):
+    from autoplan.tasks import _default_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert (_default_workers("classification"), _default_workers("segmentation")) == (0, 1)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert (_default_workers("classification"), _default_workers("segmentation")) == (2, 2)
+
+
 def test_classification_runs_through_the_same_loop(demo):
     run_dir, run = train(demo, "derm", epochs=2, iterations_per_epoch=4, loss="ce_focal", run_name="cls")
     metrics = json.loads((run_dir / "metrics.json").read_text())
