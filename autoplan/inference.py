@@ -433,12 +433,26 @@ def classify_batch(network, batch, tta: bool = True, device="cpu") -> np.ndarray
     return probabilities.cpu().numpy()
 
 
+def decision_probabilities(probabilities, imbalance: dict | None) -> np.ndarray:
+    """The probabilities predictions are taken from: ``(N, K)`` model probabilities times
+    ``class_weights ** -posterior_correction``, renormalised (the plan's imbalance handling;
+    unchanged when it has no correction). See ``planning.POSTERIOR_CORRECTION``."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    imbalance = imbalance or {}
+    correction = float(imbalance.get("posterior_correction", 0.0))
+    if not correction or imbalance.get("strategy") != "weighted_loss":
+        return probabilities
+    adjusted = probabilities * np.asarray(imbalance["class_weights"], dtype=np.float64) ** -correction
+    return adjusted / adjusted.sum(axis=1, keepdims=True)
+
+
 def classify_images(ensemble: Ensemble, images: list, tta: bool, device) -> np.ndarray:
-    """Probabilities ``(N, K)`` of ImageData objects, averaged over the ensemble's folds."""
+    """Decision probabilities ``(N, K)`` of ImageData objects, averaged over the ensemble's folds."""
     configuration = ensemble.spec.configuration
     pixels = np.stack([preprocessing.load_classification_image(image, configuration) for image in images])
     batch = torch.from_numpy(np.asarray(preprocessing.normalize_classification_batch(pixels, configuration)))
-    return np.mean([classify_batch(network, batch, tta, device) for network in ensemble.networks], axis=0)
+    probabilities = np.mean([classify_batch(network, batch, tta, device) for network in ensemble.networks], axis=0)
+    return decision_probabilities(probabilities, configuration.imbalance)
 
 
 def _predictions_csv(rows: list, classes: list) -> str:

@@ -240,8 +240,12 @@ class ClassificationTask(_Task):
         return {"true": [], "predicted": []}
 
     def tally(self, tally, outputs, targets):
+        from autoplan.inference import decision_probabilities
+
+        probabilities = torch.softmax(outputs.detach().float(), dim=1).cpu().numpy()
         tally["true"].extend(targets.cpu().tolist())
-        tally["predicted"].extend(outputs.argmax(1).cpu().tolist())
+        tally["predicted"].extend(decision_probabilities(probabilities, self.configuration.imbalance)
+                                  .argmax(1).tolist())
 
     def scores(self, tally) -> dict:
         from sklearn.metrics import accuracy_score, balanced_accuracy_score
@@ -253,7 +257,7 @@ class ClassificationTask(_Task):
 
     def final_validation(self, network, run_dir: Path, device, run_info: dict) -> dict:
         from autoplan.evaluation import classification_metrics
-        from autoplan.inference import classify_batch, gradcam_samples
+        from autoplan.inference import classify_batch, decision_probabilities, gradcam_samples
         from autoplan.preprocessing import normalize_classification_batch
         from autoplan.report import write_classification_report
 
@@ -263,7 +267,7 @@ class ClassificationTask(_Task):
             indices = self.val_indices[start:start + 64]
             batch = normalize_classification_batch(np.asarray(self.images[indices]), self.configuration)
             probabilities.append(classify_batch(network, torch.as_tensor(batch), tta=True, device=device))
-        probabilities = np.concatenate(probabilities)
+        probabilities = decision_probabilities(np.concatenate(probabilities), self.configuration.imbalance)
         y_true = self.labels[self.val_indices]
         cases = [self.cases[i] for i in self.val_indices]
         metrics = classification_metrics(y_true, probabilities, self.classes, cases)

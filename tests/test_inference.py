@@ -227,6 +227,24 @@ def test_decide_postprocessing_only_where_it_helps():
 # ----------------------------------------------------------------------------- inputs
 
 
+def test_decision_probabilities_take_back_part_of_the_class_weights():
+    from autoplan.inference import decision_probabilities
+
+    probabilities = np.array([[0.45, 0.55], [0.9, 0.1]])
+    weights = {"strategy": "weighted_loss", "class_weights": [0.5, 2.0]}
+    # correction 1: the unweighted posterior, p / w renormalised; the near-tie flips to class 0
+    undone = decision_probabilities(probabilities, {**weights, "posterior_correction": 1.0})
+    expected = probabilities / [0.5, 2.0]
+    np.testing.assert_allclose(undone, expected / expected.sum(1, keepdims=True))
+    assert undone.argmax(1).tolist() == [0, 0] and probabilities.argmax(1).tolist() == [1, 0]
+    half = decision_probabilities(probabilities, {**weights, "posterior_correction": 0.5})
+    assert undone[0, 0] > half[0, 0] > probabilities[0, 0]
+    np.testing.assert_allclose(half.sum(1), 1.0)
+    # no correction, no weights, or an older plan without the key: unchanged
+    for imbalance in (weights, {"strategy": "none", "class_weights": [1, 1], "posterior_correction": 0.5}, None):
+        np.testing.assert_array_equal(decision_probabilities(probabilities, imbalance), probabilities)
+
+
 def test_channel_files_form_one_case_and_lone_suffixes_do_not(tmp_path):
     names = ["a_0000.nii.gz", "a_0001.nii.gz", "b.nii.gz", "scan_2019.png", "c_0001.png"]
     for name in names:

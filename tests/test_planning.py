@@ -212,6 +212,7 @@ def test_ham10000_classifier_plan():
     assert np.mean(imbalance["class_weights"]) == pytest.approx(1.0, abs=1e-3)
     # (1/frequency)^0.25: df/nv = (5725/96)^0.25
     assert weights["df"] / weights["nv"] == pytest.approx((5725 / 96) ** 0.25, rel=1e-3)
+    assert imbalance["posterior_correction"] == 0.5 and "take back 0.5" in imbalance["reason"]
     assert config.estimated_memory_gb <= 8
 
 
@@ -219,7 +220,8 @@ def test_classifier_sizes_keep_aspect_and_never_upsample():
     sizes = classifier_input_sizes([150, 200], 200 / 150)
     assert sizes[0] == [128, 160]
     assert all(h % 32 == 0 and w % 32 == 0 and h <= 150 and w <= 200 for h, w in sizes)
-    assert imbalance_handling(["a", "b"], {"a": 10, "b": 9})["strategy"] == "none"
+    balanced = imbalance_handling(["a", "b"], {"a": 10, "b": 9})
+    assert balanced["strategy"] == "none" and "posterior_correction" not in balanced
 
 
 def test_cpu_classifier_with_budget_is_resnet18():
