@@ -10,7 +10,8 @@ Building blocks the trainer shares (so validation and prediction are the same co
 ``sliding_window_predict`` (nnU-Net's Gaussian-weighted tiling with mirroring TTA),
 ``predict_case_probabilities`` (preprocess, predict, back to the original grid),
 ``decide_postprocessing`` / ``apply_postprocessing`` (keep the largest component where
-that helps on validation), ``classify_batch`` (flip TTA) and ``gradcam_samples``.
+that helps on validation), ``classify_batch`` (flip TTA), ``classify_pixels`` (decisions of
+preprocessed images) and ``gradcam_samples``.
 """
 
 import contextlib
@@ -446,13 +447,20 @@ def decision_probabilities(probabilities, imbalance: dict | None) -> np.ndarray:
     return adjusted / adjusted.sum(axis=1, keepdims=True)
 
 
+def classify_pixels(networks: list, pixels, configuration, tta: bool, device) -> np.ndarray:
+    """Decision probabilities ``(N, K)`` of preprocessed pixels ``(N, H, W, C)``, averaged over
+    the networks: the one place predictions and final validation turn images into decisions."""
+    normalized = preprocessing.normalize_classification_batch(np.asarray(pixels), configuration)
+    batch = torch.from_numpy(np.asarray(normalized))
+    probabilities = np.mean([classify_batch(network, batch, tta, device) for network in networks], axis=0)
+    return decision_probabilities(probabilities, configuration.imbalance)
+
+
 def classify_images(ensemble: Ensemble, images: list, tta: bool, device) -> np.ndarray:
     """Decision probabilities ``(N, K)`` of ImageData objects, averaged over the ensemble's folds."""
     configuration = ensemble.spec.configuration
     pixels = np.stack([preprocessing.load_classification_image(image, configuration) for image in images])
-    batch = torch.from_numpy(np.asarray(preprocessing.normalize_classification_batch(pixels, configuration)))
-    probabilities = np.mean([classify_batch(network, batch, tta, device) for network in ensemble.networks], axis=0)
-    return decision_probabilities(probabilities, configuration.imbalance)
+    return classify_pixels(ensemble.networks, pixels, configuration, tta, device)
 
 
 def _predictions_csv(rows: list, classes: list) -> str:

@@ -257,17 +257,14 @@ class ClassificationTask(_Task):
 
     def final_validation(self, network, run_dir: Path, device, run_info: dict) -> dict:
         from autoplan.evaluation import classification_metrics
-        from autoplan.inference import classify_batch, decision_probabilities, gradcam_samples
-        from autoplan.preprocessing import normalize_classification_batch
+        from autoplan.inference import classify_pixels, gradcam_samples
         from autoplan.report import write_classification_report
 
         network.eval()
-        probabilities = []
-        for start in range(0, len(self.val_indices), 64):
-            indices = self.val_indices[start:start + 64]
-            batch = normalize_classification_batch(np.asarray(self.images[indices]), self.configuration)
-            probabilities.append(classify_batch(network, torch.as_tensor(batch), tta=True, device=device))
-        probabilities = decision_probabilities(np.concatenate(probabilities), self.configuration.imbalance)
+        probabilities = np.concatenate([
+            classify_pixels([network], self.images[self.val_indices[start:start + 64]], self.configuration,
+                            tta=True, device=device)
+            for start in range(0, len(self.val_indices), 64)])
         y_true = self.labels[self.val_indices]
         cases = [self.cases[i] for i in self.val_indices]
         metrics = classification_metrics(y_true, probabilities, self.classes, cases)
