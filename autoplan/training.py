@@ -21,7 +21,7 @@ from autoplan.datasets import Dataset
 from autoplan.jsonio import JsonDataclass, atomic_write_text, to_jsonable
 from autoplan.parallel import progress_enabled
 from autoplan.paths import Folders
-from autoplan.nets import memory_format
+from autoplan.nets import autocast, memory_format, resolve_precision
 from autoplan.planning import GRAD_CLIP, VAL_ITERATION_COST, Configuration, Plan, epochs_fill_budget
 from autoplan.runs import RunSpec, TrainOptions, build_optimizer
 from autoplan.splits import load_or_create_splits
@@ -58,6 +58,7 @@ class Run(JsonDataclass):
     # context), so every GPU run checks the memory model that chose its batch size
     estimated_memory_gb: float | None = None
     peak_gpu_memory_gb: float | None = None
+    precision: str = ""           # the autocast precision training ran with (fp32 | bf16 | fp16)
 
 
 # --------------------------------------------------------------------------------------
@@ -75,7 +76,8 @@ def effective_configuration(configuration: Configuration, options: TrainOptions)
             network["features_per_stage"] = [min(options.base_features * 2**i, cap)
                                              for i in range(network["n_stages"])]
     changes["network"] = network
-    for field_name in ("loss", "optimizer", "augment", "batch_size", "epochs", "iterations_per_epoch"):
+    for field_name in ("loss", "optimizer", "augment", "batch_size", "epochs", "iterations_per_epoch",
+                       "precision"):
         value = getattr(options, field_name)
         if value is not None:
             changes[field_name] = value
@@ -109,6 +111,8 @@ def run_name(options: TrainOptions, configuration: Configuration, norm: str) -> 
         parts.append("pretrained")
     if options.seed:
         parts.append(f"seed{options.seed}")
+    if options.precision:
+        parts.append(options.precision)
     return "-".join(str(p) for p in parts)
 
 
@@ -185,7 +189,7 @@ def train_fold(dataset, configuration, options, folders, preprocessed_dir, split
               best_ema_metric=loop.best_ema, train_seconds=loop.train_seconds,
               total_seconds=time.monotonic() - started, stopped_by=loop.stopped_by,
               headline=headline_metrics(metrics) if metrics else {},
-              world_size=distributed.world_size(), parameter_checksums=checksums,
+              world_size=distributed.world_size(), parameter_checksums=checksums, precision=loop.precision,
               **_gpu_memory(device, configuration))
     if distributed.is_main():
         run.save(run_dir / "run.json")
@@ -214,8 +218,9 @@ class TrainingLoop:
         self.loss = task.build_loss().to(device)
         self.optimizer = build_optimizer(self.configuration.optimizer, self.network.parameters(),
                                          self.configuration.lr, spec.task_type)
-        self.use_amp = device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.precision = resolve_precision(self.configuration.precision, device.type)
+        # Only fp16 needs loss scaling: bf16 keeps float32's exponent range.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.started = started
         self.deadline = None if not time_budget_minutes else started + 60 * time_budget_minutes
         self.max_epochs = self.configuration.epochs
@@ -310,7 +315,7 @@ class TrainingLoop:
             data, target = self.task.to_device(next(batches), self.device)
             data = data.contiguous(memory_format=self.memory_format)
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, enabled=self.use_amp):
+            with autocast(self.device.type, self.precision):
                 loss = self.loss(self.network(data), target)
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -331,7 +336,7 @@ class TrainingLoop:
                 if self.spec.task_type == "segmentation" and i >= n_batches:
                     break
                 data, target = self.task.to_device(batch, self.device)
-                with torch.autocast(self.device.type, enabled=self.use_amp):
+                with autocast(self.device.type, self.precision):
                     outputs = self.network(data)
                     losses.append(self.task.validation_loss(outputs, target).item())
                 self.task.tally(tally, outputs, target)
@@ -412,7 +417,7 @@ class TrainingLoop:
                 torch.load(best, map_location=self.device, weights_only=False)["model"])
         run_info = {"dataset": self.spec.dataset, "configuration": to_jsonable(self.configuration),
                     "options": to_jsonable(self.spec.options), "fold": self.spec.fold,
-                    "device": str(self.device), "epochs_completed": self.epoch,
+                    "device": str(self.device), "precision": self.precision, "epochs_completed": self.epoch,
                     "iterations": self.iterations, "best_epoch": self.best_epoch,
                     "train_minutes": round(self.train_seconds / 60, 2), "stopped_by": self.stopped_by,
                     "citations": self.task.dataset.description.get("citation")}

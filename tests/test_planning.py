@@ -454,3 +454,30 @@ def test_training_layout_is_channels_last_for_2d_only():
     assert memory_format(2) == torch.channels_last
     assert memory_format(3) == torch.contiguous_format
 
+
+
+def test_plans_record_the_precision_training_will_use(monkeypatch):
+    import autoplan.nets as nets
+
+    gpu = plan_dataset("TaskDerm", ham_fingerprint(), device="cuda", gpu_memory_gb=8)
+    assert gpu.configurations["classifier"].precision == "fp16"
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(nets, "cpu_has_native_bf16", lambda native=native: native)
+        config = plan_dataset("TaskXRay", jsrt_fingerprint(), device="cpu", time_budget_minutes=10,
+                              probe=False).configurations["2d"]
+        assert config.precision == expected and config.reasons["precision"].startswith(expected)
+
+
+def test_precision_falls_back_to_what_the_device_runs(monkeypatch):
+    import autoplan.nets as nets
+
+    assert nets.resolve_precision("", "cuda") == "fp16"       # plans older than the field
+    assert nets.resolve_precision("", "cpu") == "fp32"
+    assert nets.resolve_precision("fp16", "cpu") == "fp32"
+    assert nets.resolve_precision("bf16", "cuda") == "bf16"
+    monkeypatch.setattr(nets, "cpu_has_native_bf16", lambda: False)
+    assert nets.resolve_precision("bf16", "cpu") == "fp32"
+    monkeypatch.setattr(nets, "cpu_has_native_bf16", lambda: True)
+    assert nets.resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError):
+        nets.resolve_precision("int8", "cpu")

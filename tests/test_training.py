@@ -16,6 +16,7 @@ import torch
 
 from autoplan import pipeline
 from autoplan.datasets import import_dataset
+from autoplan.nets import resolve_precision
 from autoplan.demo import write_demo_sources
 from autoplan.paths import resolve_folders
 from autoplan.runs import RunSpec, TrainOptions
@@ -170,6 +171,14 @@ def test_classification_runs_through_the_same_loop(demo):
     assert metrics["task_type"] == "classification" and metrics["classes"] == ["blob", "ring", "speckle"]
     assert (run_dir / "gradcam.png").is_file() and (run_dir / "roc.png").is_file()
     assert "val_balanced_accuracy" in read_log(run_dir)[0]
+    assert run.precision == resolve_precision(RunSpec.load(run_dir / "plan.json").configuration.precision, "cpu")
+
+
+def test_precision_option_overrides_the_plan_and_names_the_run(demo):
+    run_dir, run = train(demo, "derm", epochs=1, iterations_per_epoch=2, precision="fp32")
+    assert run_dir.parent.name.endswith("-fp32") and run.precision == "fp32"
+    assert RunSpec.load(run_dir / "plan.json").configuration.precision == "fp32"
+    assert "precision" in (run_dir / "report.md").read_text()
 
 
 def test_label_smoothing_reaches_the_classification_loss(demo):
