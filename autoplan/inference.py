@@ -33,6 +33,7 @@ from autoplan import preprocessing
 from autoplan.errors import InputError
 from autoplan.jsonio import atomic_write_bytes, atomic_write_text, write_json
 from autoplan.runs import RunSpec, fold_dirs, load_trained
+from autoplan.nets import autocast
 
 # Natural-image inputs whose own format cannot hold a label map exactly get PNG masks.
 _LOSSY_ENDINGS = {".jpg": ".png", ".jpeg": ".png"}
@@ -124,9 +125,8 @@ def _forward_logits(network, batch: torch.Tensor, flips: list) -> torch.Tensor:
 
 
 def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+    """Prediction autocasts like training on CUDA (fp16) and stays fp32 on CPU."""
+    return autocast(device.type, "fp16" if device.type == "cuda" else "fp32")
 
 
 def sliding_window_predict(network, data, patch_size, n_classes: int, step: float = 0.5,

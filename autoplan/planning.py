@@ -437,8 +437,7 @@ def _default_precision(device: str) -> str:
     return default_precision(device)
 
 
-def precision_reason(device: str) -> str:
-    precision = _default_precision(device)
+def precision_reason(precision: str) -> str:
     if precision == "fp16":
         return "fp16 autocast with gradient scaling (CUDA mixed precision, as nnU-Net)"
     if precision == "bf16":
@@ -1120,9 +1119,10 @@ def plan_unet_configuration(name, dim, spacing, median_shape, total_voxels, *, d
     reasons["epochs"] = _schedule_reason(schedule, budget_minutes, assumed_budget)
     reasons["expected_seconds_per_iteration"] = _speed_reason(speed, schedule.seconds_per_iteration, config)
     reasons["loss"] = "Dice + cross-entropy with deep supervision, SGD lr 0.01 (nnU-Net's recipe)"
-    reasons["precision"] = precision_reason(device)
+    precision = _default_precision(device)
+    reasons["precision"] = precision_reason(precision)
     return replace(config, normalization=normalization, estimated_memory_gb=round(memory, 3),
-                   precision=_default_precision(device),
+                   precision=precision,
                    epochs=schedule.epochs, iterations_per_epoch=schedule.iterations_per_epoch,
                    val_iterations_per_epoch=schedule.val_iterations_per_epoch,
                    expected_seconds_per_iteration=schedule.seconds_per_iteration,
@@ -1445,7 +1445,7 @@ def plan_classifier(dataset, fingerprint, device, budget_gb, budget_minutes, ass
                      expected_seconds_per_iteration=schedule.seconds_per_iteration,
                      imbalance=imbalance_handling(classes, counts), samples_seen_epochs=round(seen, 1),
                      precision=_default_precision(device))
-    reasons["precision"] = precision_reason(device)
+    reasons["precision"] = precision_reason(config.precision)
     reasons["imbalance"] = config.imbalance["reason"]
     reasons["epochs"] = _schedule_reason(schedule, budget_minutes, assumed_budget) if (
         budget_minutes is not None) else (f"{schedule.epochs} epochs, each one pass over the training fold "

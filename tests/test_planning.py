@@ -455,7 +455,6 @@ def test_training_layout_is_channels_last_for_2d_only():
     assert memory_format(3) == torch.contiguous_format
 
 
-
 def test_plans_record_the_precision_training_will_use(monkeypatch):
     import autoplan.nets as nets
 
