@@ -437,6 +437,11 @@ def _default_precision(device: str) -> str:
     return default_precision(device)
 
 
+def _cpu_memory_reason(memory_gb: float) -> str:
+    # RAM is rarely what limits a CPU plan; the fp32 figure is kept because it bounds bf16 too
+    return f"{memory_gb:.2f} GB of RAM (estimated in fp32; an upper bound under bf16 autocast)"
+
+
 def precision_reason(precision: str) -> str:
     if precision == "fp16":
         return "fp16 autocast with gradient scaling (CUDA mixed precision, as nnU-Net)"
@@ -1093,7 +1098,7 @@ def plan_unet_configuration(name, dim, spacing, median_shape, total_voxels, *, d
                                                  f"the whole median image {[int(round(m)) for m in median_shape]} "
                                                  f"at target spacing, padded to a multiple of the total stride"))
         reasons["batch_size"] = tradeoff
-        reasons["estimated_memory_gb"] = f"{memory:.2f} GB of RAM (fp32 on CPU)"
+        reasons["estimated_memory_gb"] = _cpu_memory_reason(memory)
         seen = candidate.epochs_seen
     else:
         fit = fit_unet_to_memory(name, dim, spacing, median_shape, total_voxels, budget_gb, base_features,
@@ -1411,7 +1416,7 @@ def plan_classifier(dataset, fingerprint, device, budget_gb, budget_minutes, ass
                               + _tradeoff_text(candidates, chosen, TARGET_EPOCHS_CLASSIFICATION, why,
                                                f"width {config.network['width']} at {config.patch_size}"))
         reasons["batch_size"] = f"{config.batch_size}: a standard CPU batch (at most a quarter of the training images)"
-        reasons["estimated_memory_gb"] = f"{memory:.2f} GB of RAM (fp32 on CPU)"
+        reasons["estimated_memory_gb"] = _cpu_memory_reason(memory)
         seen = chosen.epochs_seen
     else:
         arch, arch_reason = _classifier_arch_for_gpu(fingerprint.n_cases)
