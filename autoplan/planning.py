@@ -438,8 +438,10 @@ def _default_precision(device: str) -> str:
 
 
 def _cpu_memory_reason(memory_gb: float) -> str:
-    # RAM is rarely what limits a CPU plan; the fp32 figure is kept because it bounds bf16 too
-    return f"{memory_gb:.2f} GB of RAM (estimated in fp32; an upper bound under bf16 autocast)"
+    # RAM rarely limits a CPU plan, so the model was not fitted to bf16 or to the process's RSS
+    # (measured peaks: docs/planning.md, "Memory model")
+    return (f"{memory_gb:.2f} GB of training tensors counted in fp32 (bf16 autocast needs less; "
+            f"the process's peak RAM is higher: allocator and oneDNN workspace)")
 
 
 def precision_reason(precision: str) -> str:
