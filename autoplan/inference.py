@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 from autoplan import preprocessing
 from autoplan.errors import InputError
 from autoplan.jsonio import atomic_write_bytes, atomic_write_text, write_json
-from autoplan.runs import RunSpec, fold_dirs, load_trained
 from autoplan.nets import autocast
+from autoplan.runs import RunSpec, fold_dirs, load_trained
 
 # Natural-image inputs whose own format cannot hold a label map exactly get PNG masks.
 _LOSSY_ENDINGS = {".jpg": ".png", ".jpeg": ".png"}
