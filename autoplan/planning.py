@@ -439,7 +439,7 @@ def _default_precision(device: str) -> str:
 
 def _cpu_memory_reason(memory_gb: float) -> str:
     # RAM rarely limits a CPU plan, so the model was not fitted to bf16 or to the process's RSS
-    # (measured peaks: docs/planning.md, "Memory model")
+    # (benchmarks/cpu_memory.py measures the peaks; docs/planning.md, "Memory model")
     return (f"{memory_gb:.2f} GB of training tensors counted in fp32 (bf16 autocast needs less; "
             f"the process's peak RAM is higher: allocator and oneDNN workspace)")
 
