@@ -23,6 +23,9 @@ def _add_plan_options(parser):
     parser.add_argument("--gpu-memory", type=float, default=None, help="GPU memory budget in GB to plan for")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="device to plan/train for")
     parser.add_argument("--time-budget", type=float, default=None, help="minutes for training + validation")
+    parser.add_argument("--field-of-view", choices=["auto", "fit", "pixels"], default="auto",
+                        help="2D images without a pixel size: resize each whole image to the working size "
+                             "(fit; auto does so for PNG/JPEG-like data) or keep 1 pixel = 1 mm (pixels)")
 
 
 def _add_train_options(parser):
@@ -194,7 +197,8 @@ def cmd_plan(args):
     folders = _folders(args)
     dataset = open_dataset(args.name, folders)
     result = plan(dataset, folders, device=args.device, gpu_memory_gb=args.gpu_memory,
-                  time_budget_minutes=args.time_budget, base_features=args.base_features, n_jobs=args.n_jobs)
+                  time_budget_minutes=args.time_budget, base_features=args.base_features, n_jobs=args.n_jobs,
+                  field_of_view=args.field_of_view)
     print(format_plan_table(result))
     print(f"wrote {plans_path(dataset, folders)}")
 
@@ -217,7 +221,7 @@ def cmd_plan_and_train(args):
 
     folders = _folders(args)
     runs = plan_and_train(open_dataset(args.name, folders), folders, _train_options(args),
-                          device=args.device, gpu_memory_gb=args.gpu_memory)
+                          device=args.device, gpu_memory_gb=args.gpu_memory, field_of_view=args.field_of_view)
     _print_runs(runs)
 
 

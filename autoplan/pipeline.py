@@ -29,7 +29,7 @@ def plans_path(dataset: Dataset, folders: Folders) -> Path:
 
 
 def plan(dataset: Dataset, folders: Folders, device=None, gpu_memory_gb=None,
-         time_budget_minutes=None, base_features=None, n_jobs=None) -> Plan:
+         time_budget_minutes=None, base_features=None, n_jobs=None, field_of_view="auto") -> Plan:
     """Fingerprint (cached) then plan; writes RESULTS/NAME/plans.json.
 
     ``device=None`` plans for the device training will pick: the GPU when there is one.
@@ -40,7 +40,7 @@ def plan(dataset: Dataset, folders: Folders, device=None, gpu_memory_gb=None,
     dataset_fingerprint = fingerprint(dataset, folders, n_jobs=n_jobs)
     result = plan_dataset(dataset, dataset_fingerprint, device=device, gpu_memory_gb=gpu_memory_gb,
                           time_budget_minutes=time_budget_minutes, base_features=base_features or 32,
-                          results_dir=folders.results)
+                          results_dir=folders.results, field_of_view=field_of_view)
     result.save(plans_path(dataset, folders))
     return result
 
@@ -59,10 +59,10 @@ def train(dataset: Dataset, folders: Folders, options: TrainOptions, plan_result
 
 
 def plan_and_train(dataset: Dataset, folders: Folders, options: TrainOptions, device=None,
-                   gpu_memory_gb=None) -> list:
+                   gpu_memory_gb=None, field_of_view="auto") -> list:
     planned = plan(dataset, folders, device=device, gpu_memory_gb=gpu_memory_gb,
                    time_budget_minutes=options.time_budget_minutes,
-                   base_features=options.base_features, n_jobs=options.n_jobs)
+                   base_features=options.base_features, n_jobs=options.n_jobs, field_of_view=field_of_view)
     return train(dataset, folders, options, planned)
 
 

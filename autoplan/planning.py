@@ -62,6 +62,8 @@ class Configuration:
     samples_seen_epochs: float | None = None        # epochs × its × batch × patch / training voxels
     precision: str = ""                # autocast in training: 'fp16' | 'bf16' | 'fp32' ('': fp16 on CUDA,
                                        #   fp32 on CPU, as plans made before the field)
+    field_of_view: dict = field(default_factory=dict)   # {"mode": "fit", "working_size": [H, W]} for images
+                                       #   without a pixel size ({}: resample by the images' own spacing)
 
 
 @dataclass
@@ -1163,11 +1165,52 @@ def lowres_spacing_and_shape(spacing, median_shape, fullres_patch, plan_patch) -
     return [round(float(s), 6) for s in lowres], [float(m) for m in lowres_median]
 
 
+FIELD_OF_VIEW_MODES = ("auto", "fit", "pixels")
+
+
+def has_no_pixel_size(fingerprint) -> bool:
+    """2D images whose every case carries the default spacing 1.0: PNG/JPEG/TIFF/BMP store no
+    pixel size, so "1 mm" is a placeholder and new images of another size are not at the same scale."""
+    return fingerprint.dim == 2 and all(all(float(s) == 1.0 for s in case) for case in fingerprint.spacings)
+
+
+def plan_field_of_view(fingerprint, mode: str = "auto") -> tuple[dict, str]:
+    """(field_of_view, reason): resample each image whole to the working size, or keep pixels/mm.
+
+    ``auto`` fits the field of view for 2D datasets without a pixel size; ``fit`` forces it on
+    a 2D dataset; ``pixels`` keeps today's pixel-as-millimetre behaviour (images that share
+    one pixel size, e.g. microscopy at a fixed magnification).
+    """
+    if mode not in FIELD_OF_VIEW_MODES:
+        raise InputError(None, f"unknown field-of-view mode {mode!r} (auto, fit, pixels)")
+    if fingerprint.dim != 2 or mode == "pixels" or (mode == "auto" and not has_no_pixel_size(fingerprint)):
+        why = ("--field-of-view pixels: images share one pixel size, so they are resampled by it"
+               if mode == "pixels" else "images carry a physical spacing: resampled by it (mm)")
+        return {}, why
+    working = [int(round(m)) for m in fingerprint.median_shape]
+    return ({"mode": "fit", "working_size": working},
+            f"images store no pixel size: every image (training and new) is resized whole, aspect kept, to fit "
+            f"the median image {working} and predictions are resized back, so a 1000-px radiograph is seen at "
+            f"the scale the network learnt ({'forced by --field-of-view fit' if mode == 'fit' else 'auto'})")
+
+
+def field_of_view_spacings(fingerprint, working_size) -> list:
+    """Per case the virtual pixel size that fits the image into ``working_size`` (aspect kept)."""
+    return [[min(w / n for w, n in zip(working_size, shape))] * len(shape) for shape in fingerprint.shapes]
+
+
 def plan_segmentation(name, dataset, fingerprint, device, budget_gb, budget_minutes, assumed_budget,
-                      base_features, speed) -> tuple[dict, str, list]:
+                      base_features, speed, field_of_view_mode="auto") -> tuple[dict, str, list]:
     in_channels = len(fingerprint.channels)
     n_outputs = _n_segmentation_outputs(dataset, fingerprint)
-    spacing = target_spacing(fingerprint)
+    field_of_view, fov_reason = plan_field_of_view(fingerprint, field_of_view_mode)
+    if field_of_view:
+        # the working grid's unit is one pixel of an image at the working size
+        fingerprint = replace(fingerprint, spacings=field_of_view_spacings(fingerprint,
+                                                                          field_of_view["working_size"]))
+        spacing = [1.0] * fingerprint.dim
+    else:
+        spacing = target_spacing(fingerprint)
     median = median_shape_at(fingerprint, spacing)
     total_voxels = float(np.prod(median, dtype=np.float64)) * fingerprint.n_cases
     normalization, norm_reason = segmentation_normalization(fingerprint)
@@ -1176,7 +1219,8 @@ def plan_segmentation(name, dataset, fingerprint, device, budget_gb, budget_minu
                   assumed_budget=assumed_budget, base_features=base_features, in_channels=in_channels,
                   n_outputs=n_outputs, speed=speed, normalization=normalization,
                   normalization_reason=norm_reason)
-    spacing_reason = _spacing_reason(fingerprint, spacing)
+    spacing_reason = (f"{spacing}: one pixel of an image resized to the working size {field_of_view['working_size']}"
+                      if field_of_view else _spacing_reason(fingerprint, spacing))
     configurations = {}
     if fingerprint.dim == 3:
         fullres = plan_unet_configuration("3d_fullres", 3, spacing, median, total_voxels, **common)
@@ -1200,6 +1244,8 @@ def plan_segmentation(name, dataset, fingerprint, device, budget_gb, budget_minu
     configurations["2d"] = config_2d
     for configuration in configurations.values():
         _respect_label_sides(configuration, dataset, fingerprint)
+        configuration.reasons["field_of_view"] = fov_reason
+    config_2d.field_of_view = field_of_view
     ordered = {k: configurations[k] for k in ("2d", "3d_lowres", "3d_fullres") if k in configurations}
     default = "3d_fullres" if fingerprint.dim == 3 else "2d"
     return ordered, default, notes
@@ -1488,12 +1534,14 @@ def cuda_available() -> bool:
 
 def plan_dataset(dataset, fingerprint, device: str = "cpu", gpu_memory_gb: float | None = None,
                  time_budget_minutes: float | None = None, base_features: int = 32,
-                 results_dir: Path | None = None, probe: bool = True) -> Plan:
+                 results_dir: Path | None = None, probe: bool = True, field_of_view: str = "auto") -> Plan:
     """Plan every configuration of a dataset for a device, memory and time budget.
 
     ``dataset`` is the dataset's name or its ``Dataset`` (then its label ids and class order
     are used). Writes nothing except the throughput cache ``results_dir/NAME/throughput.json``
-    when the probe runs; the caller saves the plan with ``plan.save(path)``.
+    when the probe runs; the caller saves the plan with ``plan.save(path)``. ``field_of_view``
+    ('auto' | 'fit' | 'pixels') decides how 2D images without a pixel size are scaled
+    (:func:`plan_field_of_view`).
     """
     name = dataset if isinstance(dataset, str) else dataset.name
     if device not in ("cpu", "cuda"):
@@ -1533,7 +1581,8 @@ def plan_dataset(dataset, fingerprint, device: str = "cpu", gpu_memory_gb: float
         default = "classifier"
     else:
         configurations, default, more = plan_segmentation(name, dataset, fingerprint, device, budget_gb,
-                                                          budget_minutes, assumed_budget, int(base_features), speed)
+                                                          budget_minutes, assumed_budget, int(base_features), speed,
+                                                          field_of_view)
         notes += more
     if speed.failure:
         notes.append(speed.failure)
@@ -1559,6 +1608,8 @@ def _describe_value(field_name: str, config: Configuration) -> str:
         return f"{config.epochs} x {config.iterations_per_epoch}"
     if field_name == "imbalance":
         return value.get("strategy", "")
+    if field_name == "field_of_view":
+        return f"fit {value['working_size']}" if value else "spacing"
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
@@ -1566,7 +1617,7 @@ def _describe_value(field_name: str, config: Configuration) -> str:
 
 def format_plan_table(plan: Plan) -> str:
     """A readable table per configuration: field, value and why it was chosen."""
-    fields = ["patch_size", "spacing", "network", "batch_size", "normalization", "estimated_memory_gb",
+    fields = ["patch_size", "spacing", "field_of_view", "network", "batch_size", "normalization", "estimated_memory_gb",
               "epochs", "expected_seconds_per_iteration", "batch_dice", "imbalance", "loss"]
     lines = [f"Plan for {plan.dataset} ({plan.task_type}) on {plan.device}"
              + (f", {plan.gpu_memory_gb:g} GB" if plan.gpu_memory_gb else "")

@@ -94,6 +94,8 @@ def preprocess_case(image, seg, configuration, case_id=""):
         if seg.shape[1:] != data.shape[1:]:
             raise InputError(image.path, f"mask shape {list(seg.shape[1:])} does not match "
                                          f"image shape {list(data.shape[1:])}")
+    fits_field_of_view = bool(field_of_view(configuration))
+    spacing = working_spacing(data.shape[1:], spacing, configuration)
     data, seg, bbox = crop_to_nonzero(data, seg)
     shape_after_crop = list(data.shape[1:])
     data = normalize(data, configuration.normalization, image.path)
@@ -101,7 +103,7 @@ def preprocess_case(image, seg, configuration, case_id=""):
     target_spacing = target_spacing_for(spacing, configuration)
     new_shape = compute_new_shape(shape_after_crop, spacing, target_spacing)
     axis = coarse_axis(spacing, target_spacing)
-    data = resample(data, new_shape, order=3, coarse=axis)
+    data = resample(data, new_shape, order=3, coarse=axis, antialias=fits_field_of_view)
     if seg is not None:
         seg = resample_labels(seg[0], new_shape, coarse=axis)[None]
 
@@ -118,6 +120,30 @@ def preprocess_case(image, seg, configuration, case_id=""):
     if seg is not None:
         seg = seg.astype(np.int16, copy=False)
     return data.astype(np.float32, copy=False), seg, properties
+
+
+def field_of_view(configuration) -> dict:
+    """The plan's field-of-view normalisation (``{}`` when images are resampled by their spacing)."""
+    return getattr(configuration, "field_of_view", None) or {}
+
+
+def working_spacing(spatial_shape, spacing, configuration) -> list:
+    """The spacing a case is resampled from.
+
+    With the plan's field-of-view normalisation (images without a pixel size) every image,
+    whatever its size, gets the virtual pixel size that fits it whole into the working size
+    with its aspect kept, so a 1024-px radiograph is resampled to the 224 px the network
+    learnt at. A volume given to such a 2D model keeps its slice spacing. Otherwise the
+    image's own spacing (mm).
+    """
+    fov = field_of_view(configuration)
+    if fov.get("mode") != "fit":
+        return [float(s) for s in spacing]
+    working = [float(w) for w in fov["working_size"]]
+    in_plane = [int(n) for n in spatial_shape[-len(working):]]
+    target = [float(t) for t in configuration.spacing[-len(working):]]
+    scale = min(w / n for w, n in zip(working, in_plane))
+    return [float(s) for s in spacing[:len(spacing) - len(working)]] + [scale * t for t in target]
 
 
 def target_spacing_for(spacing, configuration) -> list:
@@ -209,12 +235,46 @@ def coarse_axis(spacing, target_spacing):
     return None
 
 
-def resample(data, new_shape, order=3, coarse=None):
-    """Resample (C, ...) to new_shape with spline ``order``; along ``coarse`` nearest only."""
+def resample(data, new_shape, order=3, coarse=None, antialias=False):
+    """Resample (C, ...) to new_shape with spline ``order``; along ``coarse`` nearest only.
+
+    ``antialias`` low-passes axes that shrink more than ``ANTIALIAS_BELOW`` first (a Gaussian
+    of sigma (1/factor - 1) / 2, as skimage.transform.resize): a 2048-px radiograph brought
+    to 224 px would otherwise alias its noise and fine texture into the small image.
+    Linear resampling without a coarse axis runs through torch's interpolate (same values
+    as ``ndimage.zoom(grid_mode=True)``, several times faster on large outputs).
+    """
     new_shape = [int(n) for n in new_shape]
     if list(data.shape[1:]) == new_shape:
         return data
+    if antialias:
+        data = _low_pass_for(data, new_shape)
+    if order == 1 and coarse is None and data.ndim in (3, 4):
+        return _interpolate_linear(data, new_shape)
     return np.stack([_resample_channel(c, new_shape, order, coarse) for c in data])
+
+
+# Below this zoom factor an axis is low-passed before resampling (milder shrinking aliases little).
+ANTIALIAS_BELOW = 0.75
+
+
+def _low_pass_for(data, new_shape):
+    factors = [n / o for n, o in zip(new_shape, data.shape[1:])]
+    sigmas = [max(0.0, (1.0 / f - 1.0) / 2.0) if f < ANTIALIAS_BELOW else 0.0 for f in factors]
+    if not any(sigmas):
+        return data
+    return np.stack([ndimage.gaussian_filter(c.astype(np.float32, copy=False), sigmas, mode="nearest")
+                     for c in data])
+
+
+def _interpolate_linear(data, new_shape):
+    import torch
+
+    mode = "bilinear" if data.ndim == 3 else "trilinear"
+    tensor = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None]
+    with torch.inference_mode():
+        result = torch.nn.functional.interpolate(tensor, size=new_shape, mode=mode, align_corners=False)
+    return result[0].numpy()
 
 
 def _zoom(values, new_shape, order):
@@ -305,6 +365,8 @@ def preprocessing_stamp(configuration, source_files) -> str:
         "n_input_channels": configuration.n_input_channels,
         "sources": [_file_signature(path) for path in source_files],
     }
+    if field_of_view(configuration):   # only when set, so caches of mm plans stay valid
+        relevant["field_of_view"] = field_of_view(configuration)
     text = json.dumps(to_jsonable(relevant), sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()
 

@@ -480,3 +480,30 @@ def test_precision_falls_back_to_what_the_device_runs(monkeypatch):
     assert nets.resolve_precision("bf16", "cpu") == "bf16"
     with pytest.raises(ValueError):
         nets.resolve_precision("int8", "cpu")
+
+
+def test_images_without_a_pixel_size_get_a_field_of_view_normalisation():
+    """PNG-like 2D data (every spacing the default 1.0) is resized whole to the median image;
+    --field-of-view pixels keeps pixels as millimetres; volumes always keep their mm."""
+    fp = jsrt_fingerprint()
+    config = plan_dataset("TaskXRay", fp, device="cuda", gpu_memory_gb=8).configurations["2d"]
+    assert config.field_of_view == {"mode": "fit", "working_size": [224, 224]}
+    assert config.spacing == [1.0, 1.0]
+    assert "no pixel size" in config.reasons["field_of_view"]
+    pixels = plan_dataset("TaskXRay", fp, device="cuda", gpu_memory_gb=8, field_of_view="pixels")
+    assert pixels.configurations["2d"].field_of_view == {}
+    assert pixels.configurations["2d"].patch_size == config.patch_size
+    volumes = plan_dataset("TaskHippocampus", hippocampus_fingerprint(), device="cuda", gpu_memory_gb=8)
+    assert all(c.field_of_view == {} for c in volumes.configurations.values())
+    with pytest.raises(InputError):
+        plan_dataset("TaskXRay", fp, device="cuda", gpu_memory_gb=8, field_of_view="zoom")
+
+
+def test_field_of_view_working_grid_follows_the_median_image():
+    """Images of several sizes: each is fitted into the median size, so the planned image is that size."""
+    shapes = [[300, 400]] * 5 + [[600, 800]] * 5 + [[150, 200]] * 3
+    fp = _segmentation_fingerprint("TaskPhotos", shapes, [[1.0, 1.0]] * len(shapes),
+                                   [ChannelInfo("grey", "grey", "8-bit")], {1: "lesion"}, [_stats()])
+    config = plan_dataset("TaskPhotos", fp, device="cuda", gpu_memory_gb=8).configurations["2d"]
+    assert config.field_of_view["working_size"] == [300, 400]
+    assert config.median_image_size == [300, 400]

@@ -311,3 +311,16 @@ def test_classification_cache(tmp_path):
     grey = load_classification_image(ImageData(array=np.full((1, 10, 10), 7, np.uint8), spacing=(1, 1)),
                                      configuration)
     assert grey.shape == (24, 32, 3) and (grey == 7).all()
+
+
+@pytest.mark.parametrize("shape, new_shape", [((3, 40, 56), (97, 31)), ((2, 9, 12, 15), (5, 20, 31))])
+def test_linear_resampling_through_torch_equals_ndimage_zoom(shape, new_shape):
+    """revert_to_original's fast path gives the values of the spline path it replaced."""
+    from scipy import ndimage
+
+    from autoplan.preprocessing import resample
+
+    data = np.random.default_rng(0).random(shape).astype(np.float32)
+    expected = np.stack([ndimage.zoom(c, [n / o for n, o in zip(new_shape, c.shape)], order=1,
+                                      mode="nearest", grid_mode=True) for c in data])
+    np.testing.assert_allclose(resample(data, new_shape, order=1), expected, atol=1e-5)
