@@ -230,7 +230,10 @@ def cmd_predict(args):
 
     summary = predict_folder(args.model, args.input, args.output, tta=not args.no_tta, device=args.device,
                              save_probabilities=args.save_probabilities, n_jobs=args.n_jobs)
-    print(f"predicted {summary.get('n_cases', '?')} cases -> {args.output}")
+    line = f"predicted {summary.get('n_cases', '?')} cases -> {args.output}"
+    if summary.get("qc"):
+        line += f"; {summary['n_flagged']} of {summary['n_predicted']} cases flagged, see {summary['qc']}"
+    print(line)
 
 
 def cmd_evaluate(args):

@@ -29,14 +29,23 @@ from autoplan.errors import InputError
 from autoplan.jsonio import JsonDataclass
 from autoplan.parallel import parallel_map
 
-# Bump when the computation changes: it is part of the cache key.
-FINGERPRINT_VERSION = 1
+# Bump when the computation changes: it is part of the cache key. 2: per-case intensity
+# percentiles, label fractions and components, source formats (for prediction's quality flags).
+FINGERPRINT_VERSION = 2
 # nnU-Net v2 samples at most 10e7 foreground voxels for the whole dataset, spread evenly.
 MAX_FOREGROUND_SAMPLES = int(10e7)
 SAMPLE_SEED = 1234
 # Per-case maxima spanning more than this factor mean one global scale cannot fit all cases.
 INTENSITY_SCALE_RATIO = 10.0
 NATURAL_FORMATS = ("png", "jpeg", "tiff", "bmp")
+# Per-case intensity percentiles that prediction compares new images with (autoplan/qc.py).
+CASE_PERCENTILES = (0.5, 50.0, 99.5)
+# Integer pixels spanning at most this many values are counted in a histogram (exact, and about
+# 8x faster than sorting: it matters over thousands of photos); others are sorted.
+HISTOGRAM_SPAN = 1 << 20
+# Larger images give their percentiles from an even subsample of this many values: ample for
+# ranges that quality checks widen by 3-4x.
+PERCENTILE_SAMPLE = 1_000_000
 
 
 @dataclass
@@ -112,6 +121,11 @@ class Fingerprint(JsonDataclass):
     # added after the first interface (all optional)
     background_foreground_ratio: float | None = None         # background voxels per foreground voxel
     groups_with_several_classes: int | None = None           # classification: groups whose images disagree
+    # per-case summaries prediction's quality flags compare with (autoplan/qc.py); None before v2
+    source_formats: list | None = None                       # distinct image formats ('png', 'nifti', ...)
+    per_case_intensity_percentiles: list | None = None       # per case, per channel [p0.5, p50, p99.5], whole image
+    per_case_label_fractions: list | None = None             # per case {label id: fraction of voxels}; None: no mask
+    per_case_label_components: list | None = None            # per case {label id: components, full connectivity}
 
 
 # ============================================================================ entry
@@ -221,6 +235,11 @@ def _fingerprint_segmentation(dataset, source_hash: str, n_jobs) -> Fingerprint:
         labels=labels,
         foreground_fraction=foreground / total_voxels if total_voxels else 0.0,
         background_foreground_ratio=(total_voxels - foreground) / foreground if foreground else None,
+        source_formats=sorted({r["source_format"] for r in results}),
+        per_case_intensity_percentiles=[r["percentiles"] for r in results],
+        per_case_label_fractions=[_case_label_fractions(r, label_ids) for r in results],
+        per_case_label_components=[{str(i): r["full_components"][i] for i in label_ids} if r["has_mask"] else None
+                                   for r in results],
     )
     fingerprint.notes = _segmentation_notes(fingerprint) + _spacing_notes(results)
     unlabelled = sum(1 for r in results if not r["has_mask"])
@@ -250,11 +269,12 @@ def _analyze_segmentation_case(job) -> dict:
     samples = _foreground_sample(cropped_data, foreground, samples_per_case)
 
     voxel_volume = float(np.prod(image.spacing))
-    counts, components = {}, {}
+    counts, components, full_components = {}, {}, {}
     for label_id in label_ids:
         mask = seg == label_id
         counts[label_id] = int(mask.sum())
         components[label_id] = _component_sizes(mask) if counts[label_id] else []
+        full_components[label_id] = full_component_count(mask) if counts[label_id] else 0
     flat = data.reshape(data.shape[0], -1)
     return {
         "case": case_id,
@@ -270,6 +290,8 @@ def _analyze_segmentation_case(job) -> dict:
         "samples": samples,
         "label_counts": counts,
         "components": components,
+        "full_components": full_components,
+        "percentiles": intensity_percentiles(data),
         "channel_min": [float(v) for v in flat.min(axis=1)],
         "channel_max": [float(v) for v in flat.max(axis=1)],
         "integer_valued": [_is_integer_valued(c) for c in flat],
@@ -362,6 +384,47 @@ def _component_sizes(mask: np.ndarray) -> list:
     """Voxel counts of the face-connected components of ``mask``."""
     components, n = ndimage.label(mask)
     return np.bincount(components.ravel())[1:].tolist() if n else []
+
+
+def full_component_count(mask: np.ndarray) -> int:
+    """Connected components of ``mask`` with full connectivity (diagonals join), as
+    ``inference.largest_component`` counts them: what prediction's quality check compares."""
+    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
+    return int(ndimage.label(mask, structure=structure)[1])
+
+
+def _case_label_fractions(result: dict, label_ids) -> dict | None:
+    """{label id: fraction of the case's voxels}; None for a case without a mask (nothing known)."""
+    if not result["has_mask"]:
+        return None
+    return {str(i): result["label_counts"][i] / result["n_voxels"] for i in label_ids}
+
+
+def intensity_percentiles(array: np.ndarray) -> list:
+    """Per channel ``[p0.5, p50, p99.5]`` of a channel-first image (np.percentile's linear rule)."""
+    array = np.asarray(array)
+    return [_channel_percentiles(channel.ravel()) for channel in array.reshape(array.shape[0], -1)]
+
+
+def _channel_percentiles(values: np.ndarray) -> list:
+    if values.dtype.kind in "biu":
+        low = int(values.min())
+        if int(values.max()) - low <= HISTOGRAM_SPAN:
+            shifted = values if low == 0 and values.dtype.kind in "bu" else values.astype(np.int64) - low
+            return [low + v for v in _histogram_percentiles(np.bincount(shifted), CASE_PERCENTILES)]
+    probe = values[:: max(1, values.size // PERCENTILE_SAMPLE)].astype(np.float64)
+    return [float(v) for v in np.percentile(probe, CASE_PERCENTILES)]
+
+
+def _histogram_percentiles(counts: np.ndarray, percentiles) -> list:
+    """np.percentile (linear) of the values 0..len(counts)-1 counted ``counts`` times."""
+    cumulative = np.cumsum(counts)
+    positions = np.asarray(percentiles, dtype=np.float64) / 100.0 * (cumulative[-1] - 1)
+    below = np.floor(positions)
+    above = np.minimum(below + 1, cumulative[-1] - 1)
+    value_below = np.searchsorted(cumulative, below, side="right")
+    value_above = np.searchsorted(cumulative, above, side="right")
+    return (value_below + (positions - below) * (value_above - value_below)).astype(float).tolist()
 
 
 def _is_integer_valued(values: np.ndarray) -> bool:
@@ -553,6 +616,8 @@ def _fingerprint_classification(dataset, source_hash: str, n_jobs) -> Fingerprin
         channel_mean=mean,
         channel_std=std,
         duplicates=_duplicates(dataset, results),
+        source_formats=sorted({r["source_format"] for r in results}),
+        per_case_intensity_percentiles=[r["percentiles"] for r in results],
     )
     _group_fields(fingerprint, dataset, classes)
     fingerprint.notes = _classification_notes(fingerprint, class_counts) + _spacing_notes(results)
@@ -579,6 +644,7 @@ def _analyze_classification_case(job) -> dict:
         "sums": sums,
         "sums_of_squares": squares,
         "hash": digest.hexdigest(),
+        "percentiles": intensity_percentiles(data),
         "source_format": image.source_format,
         "bit_depth": image.meta.get("bit_depth"),
         "dtype": str(data.dtype),

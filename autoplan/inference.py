@@ -26,13 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
 from autoplan import preprocessing
 from autoplan.errors import InputError
+from autoplan.fingerprint import NATURAL_FORMATS
 from autoplan.jsonio import atomic_write_bytes, atomic_write_text, write_json
 from autoplan.nets import autocast
+from autoplan.qc import QC_COLUMNS, check_case, check_prediction, qc_cells, qc_csv, run_reference
 from autoplan.runs import RunSpec, fold_dirs, load_trained
 
 # Natural-image inputs whose own format cannot hold a label map exactly get PNG masks.
@@ -350,11 +353,35 @@ def group_input_cases(paths) -> list:
 
 
 def read_case(files, n_channels: int | None = None):
-    """One ImageData from a case's channel files (channels stacked; geometry of the first)."""
+    """One ImageData from a case's channel files (channels stacked; geometry of the first).
+
+    With ``n_channels``, a single natural image (PNG/JPEG/...) of the other count is
+    converted, as classification's preprocessing does: colour to grey (luminance, as PIL
+    "L") or grey repeated to 3 channels; ``meta["original_channels"]`` keeps the count
+    read, so the quality check can flag it. Any other channel mismatch is an InputError.
+    """
     image = preprocessing.read_case_images(InputCase("", list(files)))
-    if n_channels is not None and image.n_channels != n_channels:
-        raise InputError(files[0], f"has {image.n_channels} channel(s); the model was trained on "
-                                   f"{n_channels} (give one file per channel as CASE_0000, CASE_0001...)")
+    if n_channels is None or image.n_channels == n_channels:
+        return image
+    convertible = {image.n_channels, n_channels} == {1, 3} and len(files) == 1
+    if convertible and image.source_format in NATURAL_FORMATS:
+        return _convert_natural_channels(image, n_channels)
+    raise InputError(files[0], f"has {image.n_channels} channel(s); the model was trained on "
+                               f"{n_channels} (give one file per channel as CASE_0000, CASE_0001...)")
+
+
+def _convert_natural_channels(image, n_channels: int):
+    """Grey from colour (PIL's "L": ITU-R 601 luma) or colour from grey, in place."""
+    pixels = image.array
+    if n_channels == 3:
+        converted = np.repeat(pixels, 3, axis=0)
+    elif pixels.dtype == np.uint8:
+        converted = np.asarray(Image.fromarray(np.moveaxis(pixels, 0, -1)).convert("L"))[None]
+    else:  # deeper colour than Pillow converts: the same weights
+        luma = np.tensordot(np.asarray([0.299, 0.587, 0.114]), pixels.astype(np.float64), axes=1)
+        converted = np.round(luma).astype(pixels.dtype)[None]
+    image.meta["original_channels"] = image.n_channels
+    image.array = np.ascontiguousarray(converted)
     return image
 
 
@@ -463,27 +490,40 @@ def classify_images(ensemble: Ensemble, images: list, tta: bool, device) -> np.n
     return classify_pixels(ensemble.networks, pixels, configuration, tta, device)
 
 
-def _predictions_csv(rows: list, classes: list) -> str:
+def _predictions_csv(rows: list, classes: list, reasons: dict | None = None) -> str:
+    """case, prediction, one probability per class; with ``reasons`` ({case: [reason]}) also
+    the quality flags' ``flagged`` and ``reasons`` columns."""
     import csv
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case", "prediction", *classes])
+    writer.writerow(["case", "prediction", *classes, *(QC_COLUMNS if reasons is not None else ())])
     for case, probabilities in rows:
+        flags = qc_cells(reasons[case]) if reasons is not None else []
         writer.writerow([case, classes[int(np.argmax(probabilities))],
-                         *(f"{p:.6f}" for p in probabilities)])
+                         *(f"{p:.6f}" for p in probabilities), *flags])
     return buffer.getvalue()
 
 
-def _classify_cases(ensemble: Ensemble, cases: list, tta: bool, device, failures: list, desc: str):
-    """Yield (case, probabilities) in order, reading CLASSIFICATION_BATCH images at a time."""
-    n_channels = ensemble.spec.configuration.n_input_channels
+def _classify_cases(ensemble: Ensemble, cases: list, tta: bool, device, failures: list, desc: str,
+                    reasons: dict | None = None):
+    """Yield (case, probabilities) in order, reading CLASSIFICATION_BATCH images at a time.
+
+    With ``reasons`` (a dict), every case read is checked against the run's quality
+    reference and its reasons stored under the case's name.
+    """
+    configuration = ensemble.spec.configuration
+    n_channels = configuration.n_input_channels
+    reference = run_reference(ensemble.spec) if reasons is not None else None
     bar = _progress(cases, desc)
     for first in range(0, len(cases), CLASSIFICATION_BATCH):
         chunk, images = [], []
         for case in cases[first:first + CLASSIFICATION_BATCH]:
             try:
+                # 1 <-> 3 channels are converted by load_classification_image (any format)
                 images.append(read_case(case.files, None if n_channels in (1, 3) else n_channels))
+                if reference is not None:
+                    reasons[case.name] = check_case(images[-1], reference, configuration)
                 chunk.append(case)
             except Exception as error:  # noqa: BLE001 - one bad file must not stop the others
                 failures.append(_failure_text(case, error))
@@ -505,10 +545,13 @@ def _save_probabilities(path: Path, probabilities: np.ndarray, spec: RunSpec) ->
 
 
 def _predict_segmentation_cases(ensemble: Ensemble, cases: list, output_dir: Path, tta, device,
-                                save_probabilities, failures: list) -> list:
+                                save_probabilities, failures: list, reasons: dict | None = None) -> list:
+    """Masks of ``cases`` (the paths written); with ``reasons`` (a dict), each case and its
+    prediction are checked against the run's quality reference, reasons stored by case name."""
     from autoplan.io import write_image
 
     spec = ensemble.spec
+    reference = run_reference(spec) if reasons is not None else None
     written = []
     targets = {}
     for case in cases:
@@ -520,9 +563,12 @@ def _predict_segmentation_cases(ensemble: Ensemble, cases: list, output_dir: Pat
                 others = ", ".join(str(c.files[0].name) for c in targets[target])
                 raise InputError(case.files[0], f"several inputs ({others}) would write {target.name}")
             image = read_case(case.files, spec.configuration.n_input_channels)
+            case_reasons = check_case(image, reference, spec.configuration) if reference is not None else []
             probabilities, _ = predict_case_probabilities(ensemble.networks, spec, image, tta, device, case.name)
             label_map = apply_postprocessing(probabilities_to_labels(probabilities, spec), spec.postprocessing)
             written.append(write_image(label_map, target, reference=image))
+            if reference is not None:
+                reasons[case.name] = case_reasons + check_prediction(label_map, reference)
             if save_probabilities:
                 _save_probabilities(output_dir / f"{case.name}_probabilities.npz", probabilities, spec)
         except Exception as error:  # noqa: BLE001 - one bad file must not stop the others
@@ -539,6 +585,11 @@ def predict_folder(model_dir, input_dir, output_dir, tta: bool = True, device="c
     geometry). Classification: ``output_dir/predictions.csv``. Cases are streamed one at
     a time; a case that fails is reported and skipped, and an ``InputError`` listing the
     failures is raised at the end (after every other output is written).
+
+    Quality flags (autoplan/qc.py): each predicted case and its prediction are compared
+    with the run's training data; segmentation writes ``output_dir/qc.csv``, classification
+    adds its ``flagged``/``reasons`` columns to predictions.csv. The summary's ``n_flagged``
+    and ``qc`` (the file) are None for runs without a quality reference (older runs).
     """
     from autoplan.io import list_image_files
 
@@ -551,30 +602,46 @@ def predict_folder(model_dir, input_dir, output_dir, tta: bool = True, device="c
     failures: list = []
     with _torch_threads(n_jobs):
         ensemble = load_ensemble(model_dir, device)
+        reasons = _quality_reasons(ensemble)
         started = time.perf_counter()
         output_dir.mkdir(parents=True, exist_ok=True)
         if ensemble.spec.task_type == "classification":
             classes = list(ensemble.spec.classes)
             rows = [(case.name, p) for case, p in
-                    _classify_cases(ensemble, cases, tta, device, failures, "classify")]
+                    _classify_cases(ensemble, cases, tta, device, failures, "classify", reasons)]
             csv_path = output_dir / "predictions.csv"
-            atomic_write_text(csv_path, _predictions_csv(rows, classes))
-            written = [csv_path]
+            atomic_write_text(csv_path, _predictions_csv(rows, classes, reasons))
+            written, qc_path = [csv_path], csv_path
             n_done = len(rows)
         else:
             written = _predict_segmentation_cases(ensemble, cases, output_dir, tta, device,
-                                                  save_probabilities, failures)
+                                                  save_probabilities, failures, reasons)
             n_done = len(written)
+            qc_path = output_dir / "qc.csv"
+            if reasons is not None:
+                atomic_write_text(qc_path, qc_csv(reasons))
     seconds = time.perf_counter() - started
     summary = {"task_type": ensemble.spec.task_type, "model": [str(f) for f in ensemble.fold_dirs],
                "n_cases": len(cases), "n_predicted": n_done, "written": [str(p) for p in written],
                "failed": failures, "tta": tta, "seconds": round(seconds, 3),
-               "cases_per_second": round(n_done / seconds, 4) if seconds > 0 else None}
+               "cases_per_second": round(n_done / seconds, 4) if seconds > 0 else None,
+               "n_flagged": sum(1 for r in reasons.values() if r) if reasons is not None else None,
+               "qc": str(qc_path) if reasons is not None else None}
     if failures:
         listing = "; ".join(failures)
         raise InputError(input_dir, f"{len(failures)} of {len(cases)} case(s) failed (the others "
                                     f"were written to {output_dir}): {listing}")
     return summary
+
+
+def _quality_reasons(ensemble: Ensemble) -> dict | None:
+    """An empty {case: [reason]} to fill when the run has a quality reference; None (said
+    once on stderr) for runs trained before quality flags."""
+    if run_reference(ensemble.spec) is not None:
+        return {}
+    print(f"note: {ensemble.fold_dirs[0]} has no quality reference in plan.json (trained before "
+          "quality flags): cases are not compared with the training data", file=sys.stderr)
+    return None
 
 
 # ============================================================================ Grad-CAM samples

@@ -63,6 +63,8 @@ class RunSpec(JsonDataclass):
     norm: str = "instance"
     dropout: float = 0.0
     postprocessing: dict = field(default_factory=dict)  # {label id str: true} = keep largest component
+    qc_reference: dict = field(default_factory=dict)    # autoplan.qc.QcReference: what predict flags
+    #   new cases against; empty for runs trained before quality flags (or without a fingerprint)
 
     @property
     def foreground_labels(self) -> dict:

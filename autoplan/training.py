@@ -18,11 +18,13 @@ import torch
 
 from autoplan import distributed
 from autoplan.datasets import Dataset
+from autoplan.fingerprint import Fingerprint
 from autoplan.jsonio import JsonDataclass, atomic_write_text, to_jsonable
 from autoplan.parallel import progress_enabled
 from autoplan.paths import Folders
 from autoplan.nets import autocast, memory_format, resolve_precision
 from autoplan.planning import GRAD_CLIP, VAL_ITERATION_COST, Configuration, Plan, epochs_fill_budget
+from autoplan.qc import qc_reference
 from autoplan.runs import RunSpec, TrainOptions, build_optimizer
 from autoplan.splits import load_or_create_splits
 from autoplan.tasks import make_task
@@ -173,7 +175,8 @@ def train_fold(dataset, configuration, options, folders, preprocessed_dir, split
     spec = RunSpec(dataset=dataset.name, task_type=dataset.task_type, fold=fold,
                    configuration=configuration, options=options, labels=dataset.labels,
                    classes=dataset.classes, channel_names=dataset.channel_names,
-                   file_ending=dataset.file_ending, norm=norm, dropout=options.dropout)
+                   file_ending=dataset.file_ending, norm=norm, dropout=options.dropout,
+                   qc_reference=_qc_reference(folders, dataset, configuration))
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         spec.save(run_dir / "plan.json")
@@ -194,6 +197,17 @@ def train_fold(dataset, configuration, options, folders, preprocessed_dir, split
     if distributed.is_main():
         run.save(run_dir / "run.json")
     return run
+
+
+def _qc_reference(folders, dataset, configuration) -> dict:
+    """What prediction compares new cases with (autoplan.qc), from the dataset's fingerprint;
+    empty when there is none readable (the run then predicts without quality flags)."""
+    path = folders.results / dataset.name / "fingerprint.json"
+    try:
+        fingerprint = Fingerprint.load(path)
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}
+    return qc_reference(fingerprint, configuration).to_dict()
 
 
 def headline_metrics(metrics: dict) -> dict:

@@ -109,6 +109,15 @@ def test_synthetic_values_by_hand(synthetic, tmp_path):
     summary = format_fingerprint_summary(fp)
     assert "3D, 2 cases" in summary and "(z,y,x)" in summary and "1 one:" in summary
 
+    # Per-case summaries for prediction's quality flags (whole images, not the crop).
+    assert fp.source_formats == ["nifti"]
+    a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(synthetic.root / "imagesTr" / f"{c}_0000.nii.gz")))
+            for c in "ab")
+    assert fp.per_case_intensity_percentiles == [[np.percentile(x, [0.5, 50, 99.5]).tolist()] for x in (a, b)]
+    assert fp.per_case_label_fractions == [{"1": 3 / 480, "2": 4 / 480}, {"1": 3 / 192, "2": 0.0}]
+    # Full connectivity: case a's label-1 pieces touch nowhere, not even diagonally.
+    assert fp.per_case_label_components == [{"1": 2, "2": 1}, {"1": 1, "2": 0}]
+
 
 def test_json_round_trip(synthetic, tmp_path):
     fp = fingerprint_dataset(synthetic, tmp_path / "results", n_jobs=1)
@@ -164,10 +173,38 @@ def test_unlabelled_dataset(synthetic, tmp_path):
     fp = fingerprint_dataset(load_dataset(synthetic.root), tmp_path / "results", n_jobs=1)
     assert fp.shapes == [[6, 8, 10], [4, 6, 8]] and fp.cropped_shapes == [[4, 5, 6], [4, 6, 8]]
     assert fp.intensity == [None] and fp.foreground_fraction == 0
+    assert fp.per_case_label_fractions == [None, None] and fp.per_case_label_components == [None, None]
     assert fp.labels["1"].case_fraction == 0
     assert fp.notes[0].startswith("2 of 2 cases have no mask")
     assert Fingerprint.load(tmp_path / "results" / "Synthetic" / "fingerprint.json") == fp
     assert "no foreground voxels" in format_fingerprint_summary(fp)
+
+
+@pytest.mark.parametrize("dtype, low, high", [(np.uint8, 0, 256), (np.uint16, 3, 9), (np.int16, -1024, 3072),
+                                             (np.int32, -(1 << 22), 1 << 22), (np.float32, -5, 5), (bool, 0, 2)])
+def test_intensity_percentiles_agree_with_numpy(dtype, low, high):
+    """Histogram counting (integers over a small range) and sorting give np.percentile's values."""
+    values = np.random.default_rng(0).integers(low, high, size=(2, 37, 41)).astype(dtype)
+    expected = np.percentile(values.reshape(2, -1).astype(np.float64), [0.5, 50, 99.5], axis=1).T
+    np.testing.assert_allclose(fingerprint_module.intensity_percentiles(values), expected, rtol=1e-12)
+
+
+def test_full_component_count_joins_diagonal_neighbours():
+    mask = np.zeros((5, 5), bool)
+    mask[0, 0] = mask[1, 1] = mask[4, 4] = True
+    assert fingerprint_module.full_component_count(mask) == 2
+    assert fingerprint_module._component_sizes(mask) == [1, 1, 1]  # face connectivity: three
+
+
+def test_older_fingerprints_load_without_the_per_case_fields(synthetic, tmp_path):
+    fp = fingerprint_dataset(synthetic, tmp_path / "results", n_jobs=1)
+    path = tmp_path / "results" / "Synthetic" / "fingerprint.json"
+    stored = json.loads(path.read_text())
+    for name in ("source_formats", "per_case_intensity_percentiles", "per_case_label_fractions",
+                 "per_case_label_components"):
+        del stored[name]
+    old = Fingerprint.from_dict(stored)
+    assert old.per_case_intensity_percentiles is None and old.labels == fp.labels
 
 
 def test_ct_guessed_from_hounsfield_units(tmp_path):

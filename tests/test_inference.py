@@ -53,15 +53,18 @@ def _save_run(fold_dir: Path, spec: RunSpec, seed: int = 0) -> Path:
     return fold_dir
 
 
-def make_segmentation_run(root: Path, dim: int, n_channels: int = 1, postprocessing=None) -> Path:
+def make_segmentation_run(root: Path, dim: int, n_channels: int = 1, postprocessing=None,
+                          qc_reference=None) -> Path:
+    """A fold folder of an untrained U-Net; ``qc_reference`` (a QcReference) switches on quality flags."""
     spec = RunSpec(dataset="TaskToy", task_type="segmentation", fold=0,
                    configuration=_unet_configuration(dim, n_channels), options=TrainOptions(),
                    labels=dict(LABELS), channel_names={str(c): f"ch{c}" for c in range(n_channels)},
-                   file_ending=".nii.gz" if dim == 3 else ".png", postprocessing=postprocessing or {})
+                   file_ending=".nii.gz" if dim == 3 else ".png", postprocessing=postprocessing or {},
+                   qc_reference=qc_reference.to_dict() if qc_reference is not None else {})
     return _save_run(root / f"run{dim}d" / "fold_0", spec)
 
 
-def make_classification_run(root: Path, n_folds: int = 1) -> Path:
+def make_classification_run(root: Path, n_folds: int = 1, qc_reference=None) -> Path:
     configuration = Configuration(
         name="classifier", dim=2, patch_size=[32, 32], batch_size=4, spacing=[],
         network={"arch": "resnet18", "width": 4}, normalization=[{"scheme": "rgb", "mean": 0.5, "std": 0.25}] * 3,
@@ -69,7 +72,8 @@ def make_classification_run(root: Path, n_folds: int = 1) -> Path:
     for fold in range(n_folds):
         spec = RunSpec(dataset="TaskDerm", task_type="classification", fold=fold, configuration=configuration,
                        options=TrainOptions(), classes=["akiec", "bcc", "nv"],
-                       channel_names={"0": "R", "1": "G", "2": "B"}, file_ending=".png")
+                       channel_names={"0": "R", "1": "G", "2": "B"}, file_ending=".png",
+                       qc_reference=qc_reference.to_dict() if qc_reference is not None else {})
         _save_run(root / "runcls" / f"fold_{fold}", spec, seed=fold)
     return root / "runcls" if n_folds > 1 else root / "runcls" / "fold_0"
 
