@@ -46,6 +46,13 @@ DEFAULT_SCALE = (0.7, 1.4)
 # nnU-Net sizes the sampled patch for this zoom range, not the full 0.7-1.4: rare strong
 # zoom-outs then show some constant border instead of every patch being oversized.
 SAMPLING_SCALE = (0.85, 1.25)
+DEFAULT_SCALE_PROBABILITY = 0.2     # nnU-Net's p_scale_per_sample
+# Plans that resize whole images to a working size (images without a pixel size) meet
+# other sites' collimation and cropping as a zoom of the anatomy: a 10 % border crop is a
+# 1.25x zoom. On JSRT, such crops cost 0.11-0.14 Dice at p=0.2 (benchmarks/robustness.py).
+FIELD_OF_VIEW_SCALE_PROBABILITY = 0.5
+# ... and as a shift: training windows of such plans move by up to this fraction of the patch.
+FIELD_OF_VIEW_SHIFT = 0.1
 LIGHT_ROTATION_DEG = 10.0
 LIGHT_SHIFT = 0.1
 LIGHT_SCALE = (0.8, 1.2)
@@ -177,11 +184,13 @@ class SegToTarget(AbstractTransform):
         return data_dict
 
 
-def segmentation_transforms(preset, patch_size, dim, mirror_axes=None, max_rotation_degrees=None) -> Compose:
+def segmentation_transforms(preset, patch_size, dim, mirror_axes=None, max_rotation_degrees=None,
+                            scale_probability=DEFAULT_SCALE_PROBABILITY) -> Compose:
     """batchgenerators pipeline for ``preset`` ('default' | 'light' | 'none').
 
     ``mirror_axes`` (None: every axis) and ``max_rotation_degrees`` come from the plan: a
     dataset whose labels name a side (left/right) must not be mirrored across it.
+    ``scale_probability``: how often the default preset zooms a sample (0.7-1.4).
     """
     _check_preset(preset)
     patch_size = [int(p) for p in patch_size]
@@ -190,14 +199,15 @@ def segmentation_transforms(preset, patch_size, dim, mirror_axes=None, max_rotat
         return Compose([SegToTarget()])
     if preset == "light":
         return Compose(_light_transforms(patch_size, dim, mirror_axes, max_rotation_degrees) + [SegToTarget()])
-    return Compose(_default_transforms(patch_size, dim, mirror_axes, max_rotation_degrees) + [SegToTarget()])
+    return Compose(_default_transforms(patch_size, dim, mirror_axes, max_rotation_degrees, scale_probability)
+                   + [SegToTarget()])
 
 
 def _mirror(axes) -> list:
     return [MirrorTransform(tuple(axes))] if axes else []
 
 
-def _default_transforms(patch_size, dim, mirror_axes, max_rotation_degrees) -> list:
+def _default_transforms(patch_size, dim, mirror_axes, max_rotation_degrees, scale_probability) -> list:
     ranges = rotation_ranges("default", patch_size, dim, max_rotation_degrees)
     slices = uses_slice_augmentation(patch_size, dim)
     spatial = SpatialTransform(
@@ -210,7 +220,7 @@ def _default_transforms(patch_size, dim, mirror_axes, max_rotation_degrees) -> l
         border_mode_data="constant", border_cval_data=0, order_data=3,
         border_mode_seg="constant", border_cval_seg=0, order_seg=1,
         random_crop=False,  # the loader already placed the patch
-        p_el_per_sample=0, p_scale_per_sample=0.2, p_rot_per_sample=0.2,
+        p_el_per_sample=0, p_scale_per_sample=scale_probability, p_rot_per_sample=0.2,
         independent_scale_for_each_axis=False,
     )
     transforms = [FoldSlicesIntoChannels(), spatial, UnfoldSlicesFromChannels()] if slices else [spatial]

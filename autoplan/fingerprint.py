@@ -509,7 +509,7 @@ def _segmentation_notes(fp: Fingerprint) -> list:
         maxima = np.array(fp.per_case_intensity_max, dtype=float)
         n_high = int((maxima > 10 * np.median(maxima)).sum())
         notes.append(f"intensity scales differ between cases: per-case maxima run from "
-                     f"{_fmt(maxima.min())} to {_fmt(maxima.max())} ({n_high} cases above 10x the "
+                     f"{format_number(maxima.min())} to {format_number(maxima.max())} ({n_high} cases above 10x the "
                      "median maximum); normalise each case on its own (z-score), not with global values")
     if fp.anisotropy > 3:
         notes.append(f"anisotropic spacing (largest/smallest median spacing {fp.anisotropy:.1f}): "
@@ -564,7 +564,7 @@ def _channel_kinds(dataset, results) -> list:
 def _guess_kind(name, dim, low, high, integer, natural, eight_bit, n_channels):
     """(kind, reason): the channel's name when it says, else the intensity range."""
     words = set(re.split(r"[^A-Z0-9-]+", name.upper()))
-    span = f"values {_fmt(low)}..{_fmt(high)}"
+    span = f"values {format_number(low)}..{format_number(high)}"
     if name.upper() in _RGB_NAMES:
         return "rgb", f"channel name {name!r} (colour image)"
     if "CT" in words:
@@ -764,7 +764,7 @@ def _classification_notes(fp: Fingerprint, class_counts: dict) -> list:
                      f"{cross_group} sets span different groups and would leak across a split; "
                      f"{conflicting} sets carry conflicting classes")
     if len({tuple(s) for s in fp.shapes}) > 1:
-        notes.append(f"image sizes vary (median {_shape_text(fp.median_shape)}, aspect ratio "
+        notes.append(f"image sizes vary (median {format_shape(fp.median_shape)}, aspect ratio "
                      f"{fp.aspect_ratios['p5']:.2f}..{fp.aspect_ratios['p95']:.2f} for 90% of images)")
     for channel in fp.channels[:1] if fp.channels and fp.channels[0].kind == "rgb" else fp.channels:
         notes.append(f"channel {channel.name!r} taken as {channel.kind}: {channel.kind_reason}")
@@ -822,7 +822,7 @@ def _percentiles(values: np.ndarray) -> dict:
     }
 
 
-def _fmt(value) -> str:
+def format_number(value) -> str:
     if value is None:
         return "-"
     value = float(value)
@@ -831,8 +831,8 @@ def _fmt(value) -> str:
     return f"{value:.4g}"
 
 
-def _shape_text(values) -> str:
-    return " x ".join(_fmt(v) for v in values)
+def format_shape(values) -> str:
+    return " x ".join(format_number(v) for v in values)
 
 
 def _bytes_text(n: int) -> str:
@@ -857,9 +857,9 @@ def format_fingerprint_summary(fp: Fingerprint) -> str:
         lines.append(f"  channel {index} {channel.name!r}: {channel.kind} ({channel.kind_reason})")
     lines += [
         f"  shapes and spacings in axis order ({axes})",
-        f"  median shape    {_shape_text(fp.median_shape)}   "
-        f"(p5 {_shape_text(fp.shape_percentiles['p5'])}, p95 {_shape_text(fp.shape_percentiles['p95'])})",
-        f"  median spacing  {_shape_text(fp.median_spacing)} mm   anisotropy {fp.anisotropy:.2f}",
+        f"  median shape    {format_shape(fp.median_shape)}   "
+        f"(p5 {format_shape(fp.shape_percentiles['p5'])}, p95 {format_shape(fp.shape_percentiles['p95'])})",
+        f"  median spacing  {format_shape(fp.median_spacing)} mm   anisotropy {fp.anisotropy:.2f}",
         f"  total           {fp.total_voxels:,} voxels, {_bytes_text(fp.disk_bytes)} on disk",
     ]
     if fp.task_type == "segmentation":
@@ -873,26 +873,26 @@ def format_fingerprint_summary(fp: Fingerprint) -> str:
 
 
 def _segmentation_summary(fp: Fingerprint) -> list:
-    lines = [f"  after cropping to nonzero: median shape {_shape_text(fp.median_cropped_shape)}, "
+    lines = [f"  after cropping to nonzero: median shape {format_shape(fp.median_cropped_shape)}, "
              f"median relative size {fp.median_relative_size_after_cropping:.3f}"]
     for index, stats in enumerate(fp.intensity or []):
         if stats is None:
             lines.append(f"  foreground intensity ch{index}: no foreground voxels")
             continue
-        lines.append(f"  foreground intensity ch{index}: mean {_fmt(stats.mean)}, std {_fmt(stats.std)}, "
-                     f"median {_fmt(stats.median)}, p0.5 {_fmt(stats.percentile_00_5)}, "
-                     f"p99.5 {_fmt(stats.percentile_99_5)}, range {_fmt(stats.min)}..{_fmt(stats.max)}")
+        lines.append(f"  foreground intensity ch{index}: mean {format_number(stats.mean)}, std {format_number(stats.std)}, "
+                     f"median {format_number(stats.median)}, p0.5 {format_number(stats.percentile_00_5)}, "
+                     f"p99.5 {format_number(stats.percentile_99_5)}, range {format_number(stats.min)}..{format_number(stats.max)}")
     if fp.per_case_intensity_max:
-        lines.append(f"  per-case maximum (ch0): {_fmt(min(fp.per_case_intensity_max))}.."
-                     f"{_fmt(max(fp.per_case_intensity_max))}"
+        lines.append(f"  per-case maximum (ch0): {format_number(min(fp.per_case_intensity_max))}.."
+                     f"{format_number(max(fp.per_case_intensity_max))}"
                      f"{'  -> scales differ: normalise per case' if fp.intensity_scales_differ else ''}")
     unit = "mm^3" if fp.dim == 3 else "mm^2"
     lines.append("  labels:")
     for label_id, stats in (fp.labels or {}).items():
         lines.append(f"    {label_id} {stats.name}: {stats.voxel_fraction:.2%} of voxels, in "
                      f"{stats.case_fraction:.0%} of cases, {stats.components_per_case_median:g} "
-                     f"component(s)/case (median), median component {_fmt(stats.component_size_median_voxels)} "
-                     f"voxels = {_fmt(stats.component_size_median_mm)} {unit}")
+                     f"component(s)/case (median), median component {format_number(stats.component_size_median_voxels)} "
+                     f"voxels = {format_number(stats.component_size_median_mm)} {unit}")
     if fp.foreground_fraction is not None:
         ratio = fp.background_foreground_ratio
         lines.append(f"  foreground {fp.foreground_fraction:.2%} of voxels"

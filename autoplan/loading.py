@@ -21,7 +21,14 @@ from batchgenerators.dataloading.data_loader import SlimDataLoaderBase
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from pathlib import Path
 
-from autoplan.augmentation import classification_transforms, sampling_patch_size, segmentation_transforms
+from autoplan.augmentation import (
+    DEFAULT_SCALE_PROBABILITY,
+    FIELD_OF_VIEW_SCALE_PROBABILITY,
+    FIELD_OF_VIEW_SHIFT,
+    classification_transforms,
+    sampling_patch_size,
+    segmentation_transforms,
+)
 from autoplan.errors import InputError
 from autoplan.jsonio import read_json
 from autoplan.preprocessing import normalize_unit_batch
@@ -128,10 +135,12 @@ class _SegmentationCases:
 class _PatchSampler(SlimDataLoaderBase):
     """Produces {"data", "seg"} batches of patches of ``sample_size`` (batchgenerators keys)."""
 
-    def __init__(self, cases, sample_size, dim, batch_size, oversample_foreground, seed, infinite):
+    def __init__(self, cases, sample_size, dim, batch_size, oversample_foreground, seed, infinite,
+                 max_shift=None):
         super().__init__(cases, batch_size, None)
         self.cases = cases
         self.sample_size = [int(s) for s in sample_size]
+        self.max_shift = [int(m) for m in (max_shift or [0] * len(self.sample_size))]
         self.dim = dim
         self.oversample_foreground = oversample_foreground
         self.seed = int(seed)
@@ -195,6 +204,7 @@ class _PatchSampler(SlimDataLoaderBase):
             data, seg = data[:, z], seg[:, z]
             centre = centre[1:] if centre is not None else None
         corner = _window_lower_corner(data.shape[1:], self.sample_size, centre, rng)
+        corner = [c + int(rng.integers(-m, m + 1)) if m else c for c, m in zip(corner, self.max_shift)]
         return _crop_padded(data, corner, self.sample_size), _crop_padded(seg, corner, self.sample_size)
 
 
@@ -245,10 +255,17 @@ class SegmentationLoader(_BatchStream):
         cases = _SegmentationCases(preprocessed_dir, case_ids)
         max_rotation = getattr(configuration, "max_rotation_degrees", None)
         sample_size = sampling_patch_size(augment, patch_size, configuration.dim, max_rotation)
+        fits_field_of_view = bool(getattr(configuration, "field_of_view", None)) and augment == "default"
+        scale_probability = FIELD_OF_VIEW_SCALE_PROBABILITY if fits_field_of_view else DEFAULT_SCALE_PROBABILITY
+        # Whole images resized to a patch-sized working grid always sit in the patch centre
+        # (the window cannot move: nnU-Net's rule when the image is no larger than the
+        # patch); other sites centre the patient differently, so such plans shift it.
+        max_shift = [int(round(FIELD_OF_VIEW_SHIFT * p)) for p in patch_size] if fits_field_of_view else None
         sampler = _PatchSampler(cases, sample_size, configuration.dim, self.batch_size,
-                                oversample_foreground, seed, infinite)
+                                oversample_foreground, seed, infinite, max_shift)
         transform = _DropKeys(segmentation_transforms(augment, patch_size, configuration.dim,
-                                                      getattr(configuration, "mirror_axes", None), max_rotation),
+                                                      getattr(configuration, "mirror_axes", None), max_rotation,
+                                                      scale_probability),
                               ("case_ids",))
         self._start(sampler, transform, n_workers, seed)
 

@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from autoplan.fingerprint import NATURAL_FORMATS, full_component_count, intensity_percentiles
+from autoplan.fingerprint import (
+    NATURAL_FORMATS,
+    format_number,
+    format_shape,
+    full_component_count,
+    intensity_percentiles,
+)
 from autoplan.jsonio import JsonDataclass
 
 # A model that resizes every image to its working size (field_of_view "fit", classifiers)
@@ -42,6 +48,11 @@ LABEL_FRACTION_FACTOR = 3.0
 # is unsure; the slack of 2 allows a stray voxel or two on a one-piece structure.
 COMPONENTS_FACTOR = 2
 COMPONENTS_SLACK = 2
+# A colour model given a grey picture saved as RGB (an exported radiograph): its channel
+# medians agree to within 1 % of its range, while 99 % of training photos differ by more than
+# 4x that (dermoscopy: skin is red, not grey). Only checked when training was that colourful.
+COLOUR_SPREAD_FLOOR = 0.01
+COLOUR_SPREAD_FACTOR = 4.0
 # Classifiers stretch every image to the input size: an aspect ratio 1.5x beyond the
 # training range distorts shapes more than training ever did.
 ASPECT_RATIO_FACTOR = 1.5
@@ -69,6 +80,7 @@ class QcReference(JsonDataclass):
     #   "fraction_max" (over cases where present), "case_fraction", "components_max"}
     aspect_ratio_min: float | None = None  # width / height (classification)
     aspect_ratio_max: float | None = None
+    colour_spread_p01: float | None = None  # 3 channels: 1st percentile over cases of colour_spread()
 
 
 # ============================================================================ reference
@@ -94,7 +106,21 @@ def qc_reference(fingerprint, configuration) -> QcReference:
         intensity=_intensity_ranges(fingerprint.per_case_intensity_percentiles),
         labels=_label_ranges(fingerprint),
         aspect_ratio_min=aspect.get("min"), aspect_ratio_max=aspect.get("max"),
+        colour_spread_p01=_colour_spread_p01(fingerprint.per_case_intensity_percentiles),
     )
+
+
+def colour_spread(percentiles) -> float:
+    """How far apart the channel medians of one image are, relative to its range (0: grey)."""
+    values = np.asarray(percentiles, dtype=float)  # (channels, [p0.5, p50, p99.5])
+    value_range = max(float(values[:, 2].max() - values[:, 0].min()), 1e-6)
+    return float(values[:, 1].max() - values[:, 1].min()) / value_range
+
+
+def _colour_spread_p01(per_case) -> float | None:
+    if not per_case or np.asarray(per_case).shape[1] != 3:
+        return None
+    return float(np.percentile([colour_spread(case) for case in per_case], 1))
 
 
 def _intensity_ranges(per_case) -> list:
@@ -142,7 +168,7 @@ def check_case(image, reference: QcReference, configuration) -> list:
     if image.dim == reference.dim and image.array.size:  # axes compare only when dimensionality agrees
         reasons += _size_reasons(image, reference, configuration)
     if not content:  # a constant image's percentiles say nothing more
-        reasons += _intensity_reasons(image, reference)
+        reasons += _intensity_reasons(image, reference) + _colour_reasons(image, reference)
     return reasons
 
 
@@ -151,7 +177,7 @@ def _dimension_reasons(image, reference) -> list:
         return []
     formats = f" ({', '.join(reference.source_formats)})" if reference.source_formats else ""
     if image.dim == 3:
-        return [f"3D volume ({_shape(image.spatial_shape)}); the model was trained on 2D images{formats}: "
+        return [f"3D volume ({format_shape(image.spatial_shape)}); the model was trained on 2D images{formats}: "
                 "predicted slice by slice"]
     return [f"{image.dim}D image; the model was trained on {reference.dim}D volumes{formats}"]
 
@@ -179,7 +205,7 @@ def _content_reasons(array) -> list:
         return ["contains NaN values"]
     low, high = array.min(), array.max()
     if low == high:
-        return [f"constant image (every value {_number(low)})"]
+        return [f"constant image (every value {format_number(low)})"]
     return []
 
 
@@ -207,11 +233,11 @@ def _resize_reasons(image, reference) -> list:
     smaller = np.asarray(reference.shape_min, dtype=float) / shape
     reasons = []
     if larger.max() > RESIZE_LIMIT:
-        reasons.append(f"{_shape(shape)} pixels, {larger.max():.1f}x the largest training image "
-                       f"({_shape(reference.shape_max)}): resized more than {RESIZE_LIMIT:g}x beyond training")
+        reasons.append(f"{format_shape(shape)} pixels, {larger.max():.1f}x the largest training image "
+                       f"({format_shape(reference.shape_max)}): resized more than {RESIZE_LIMIT:g}x beyond training")
     if smaller.max() > RESIZE_LIMIT:
-        reasons.append(f"{_shape(shape)} pixels, 1/{smaller.max():.1f} of the smallest training image "
-                       f"({_shape(reference.shape_min)}): resized more than {RESIZE_LIMIT:g}x beyond training")
+        reasons.append(f"{format_shape(shape)} pixels, 1/{smaller.max():.1f} of the smallest training image "
+                       f"({format_shape(reference.shape_min)}): resized more than {RESIZE_LIMIT:g}x beyond training")
     return reasons
 
 
@@ -236,7 +262,7 @@ def _range_reasons(what, values, minimum, maximum, factor, unit) -> list:
     outside = (values < minimum / factor) | (values > maximum * factor)
     if not outside.any():
         return []
-    return [f"{what} {_shape(values)} {unit}; training {_shape(minimum)} to {_shape(maximum)} "
+    return [f"{what} {format_shape(values)} {unit}; training {format_shape(minimum)} to {format_shape(maximum)} "
             f"(flagged beyond {factor:g}x)"]
 
 
@@ -253,6 +279,17 @@ def _intensity_reasons(image, reference) -> list:
     return reasons
 
 
+def _colour_reasons(image, reference) -> list:
+    training = reference.colour_spread_p01
+    if training is None or image.n_channels != 3 or training < COLOUR_SPREAD_FACTOR * COLOUR_SPREAD_FLOOR:
+        return []
+    spread = colour_spread(intensity_percentiles(image.array))
+    if spread >= COLOUR_SPREAD_FLOOR:
+        return []
+    return [f"grey picture in colour channels (channel medians {spread:.1%} of the range apart; 99% of "
+            f"training images over {training:.1%}): the model was trained on colour photos"]
+
+
 def _comparable_channels(array, n_channels: int):
     """The image's channels as the model gets them (grey from colour, colour from grey), or None."""
     if array.shape[0] == n_channels:
@@ -267,19 +304,19 @@ def _comparable_channels(array, n_channels: int):
 
 def _brightness_reasons(name, p99_5, training_low, training_high) -> list:
     if training_high > 0 and p99_5 > INTENSITY_FACTOR * training_high:
-        return [f"{name}: brightest values (p99.5 {_number(p99_5)}) more than {INTENSITY_FACTOR:g}x "
-                f"the training images' (at most {_number(training_high)})"]
+        return [f"{name}: brightest values (p99.5 {format_number(p99_5)}) more than {INTENSITY_FACTOR:g}x "
+                f"the training images' (at most {format_number(training_high)})"]
     if training_low > 0 and p99_5 < training_low / INTENSITY_FACTOR:
-        return [f"{name}: brightest values (p99.5 {_number(p99_5)}) under 1/{INTENSITY_FACTOR:g} of "
-                f"the training images' (at least {_number(training_low)})"]
+        return [f"{name}: brightest values (p99.5 {format_number(p99_5)}) under 1/{INTENSITY_FACTOR:g} of "
+                f"the training images' (at least {format_number(training_low)})"]
     return []
 
 
 def _ct_median_reasons(name, median, training_low, training_high) -> list:
     if training_low - CT_MEDIAN_MARGIN_HU <= median <= training_high + CT_MEDIAN_MARGIN_HU:
         return []
-    return [f"{name}: median {_number(median)} HU; training medians {_number(training_low)}.."
-            f"{_number(training_high)} HU (flagged beyond {CT_MEDIAN_MARGIN_HU:g} HU outside)"]
+    return [f"{name}: median {format_number(median)} HU; training medians {format_number(training_low)}.."
+            f"{format_number(training_high)} HU (flagged beyond {CT_MEDIAN_MARGIN_HU:g} HU outside)"]
 
 
 # ============================================================================ a prediction
@@ -339,17 +376,3 @@ def qc_csv(reasons_by_case: dict) -> str:
 def qc_cells(reasons: list) -> list:
     """The ``flagged`` and ``reasons`` cells of one case."""
     return ["true" if reasons else "false", "; ".join(reasons)]
-
-
-# ============================================================================ formatting
-
-
-def _number(value) -> str:
-    value = float(value)
-    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-2):
-        return f"{value:.3g}"
-    return f"{value:.4g}"
-
-
-def _shape(values) -> str:
-    return " x ".join(_number(v) for v in values)

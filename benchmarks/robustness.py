@@ -86,6 +86,7 @@ def main():
     parser.add_argument("--no-tta", action="store_true")
     parser.add_argument("--n-jobs", type=int, default=None, help="torch threads")
     parser.add_argument("--work", type=Path, default=None, help="where variant folders go")
+    parser.add_argument("--variants", default="", help="comma-separated subset (default: all; original first)")
     args = parser.parse_args()
 
     spec = RunSpec.load(args.model / "plan.json")
@@ -97,7 +98,9 @@ def main():
     label_ids = sorted(v for v in spec.labels.values() if v != 0)
     names = {v: k for k, v in spec.labels.items()}
     rows, baseline = [], None
-    for variant in variant_names():
+    chosen = ["original"] + [v for v in args.variants.split(",") if v and v != "original"] if args.variants \
+        else variant_names()
+    for variant in chosen:
         scores, seconds, size, summary = score_variant(args.model, work / variant, label_ids,
                                                         not args.no_tta, args.n_jobs)
         baseline = baseline or scores

@@ -26,3 +26,14 @@ def folders(tmp_path):
     from autoplan.paths import resolve_folders
 
     return resolve_folders(tmp_path / "raw", tmp_path / "preprocessed", tmp_path / "results")
+
+
+def jsrt_subset(tmp_path: Path, n: int = 40) -> tuple:
+    """(images, masks) folders linking the first ``n`` JSRT images and masks (skips without the data)."""
+    root = shared_dataset("jsrt_lungs")
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    for path in sorted((root / "images").glob("*.png"))[:n]:
+        (images / path.name).symlink_to(path)
+        (masks / path.name).symlink_to(root / "masks" / path.name)
+    return images, masks

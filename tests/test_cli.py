@@ -57,4 +57,4 @@ def test_demo_runs_end_to_end(tmp_path):
         assert set(np.unique(np.asarray(mask))) <= {0, 1, 2}
     with open(tmp_path / "demo" / "predictions" / "derm" / "predictions.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 3 and set(rows[0]) == {"case", "prediction", "blob", "ring", "speckle"}
+    assert len(rows) == 3 and set(rows[0]) == {"case", "prediction", "blob", "ring", "speckle", "flagged", "reasons"}

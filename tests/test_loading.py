@@ -227,3 +227,35 @@ def test_ctrl_c_stops_workers(tmp_path):
                             start_new_session=True, cwd=Path(__file__).resolve().parents[1])
     assert "interrupted" in result.stdout, result.stderr[-2000:]
     assert "children 0" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+def _image_positions(loader, n_batches=6) -> set:
+    """Where the (nonzero) image sits in each sampled window, before augmentation: its top-left."""
+    positions = set()
+    for _ in range(n_batches):
+        for sample in loader._source.generate_train_batch()["data"][:, 0]:
+            rows, cols = np.nonzero(sample)
+            positions.add((int(rows.min()), int(cols.min())))
+    return positions
+
+
+def test_field_of_view_plans_shift_whole_images_inside_the_patch(tmp_path):
+    """An image exactly the patch size sits in the centre of every window (nnU-Net's window
+    cannot move); plans that resize whole images shift it by up to 10 % of the patch, as
+    other sites centre patients differently. Validation windows never move."""
+    ids = write_cases(tmp_path, n=4, shape=(32, 32))
+    for case_id in ids:   # a nonzero image: its position is visible after padding
+        np.save(tmp_path / f"{case_id}.npy", np.ones((1, 32, 32), dtype=np.float32))
+    plain = configuration(patch_size=(32, 32), dim=2, name="2d", batch_size=4)
+    fitted = configuration(patch_size=(32, 32), dim=2, name="2d", batch_size=4)
+    fitted.field_of_view = {"mode": "fit", "working_size": [32, 32]}
+    with SegmentationLoader(tmp_path, ids, plain, augment="default", n_workers=0, seed=3) as loader:
+        centred = _image_positions(loader)
+    assert len(centred) == 1
+    centre = next(iter(centred))
+    with SegmentationLoader(tmp_path, ids, fitted, augment="default", n_workers=0, seed=3) as loader:
+        shifted = _image_positions(loader)
+    assert len(shifted) > 8
+    assert max(abs(r - centre[0]) for r, _ in shifted) == max(abs(c - centre[1]) for _, c in shifted) == 3
+    with SegmentationLoader(tmp_path, ids, fitted, augment="none", n_workers=0, seed=3) as loader:
+        assert len(_image_positions(loader)) == 1

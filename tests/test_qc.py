@@ -209,6 +209,27 @@ def test_classifiers_flag_aspect_ratios_beyond_the_training_range(tmp_path):
         "than training ever was"]
 
 
+def test_a_grey_picture_saved_as_rgb_is_flagged_for_a_colour_model(tmp_path):
+    """Skin-like photos (red above green above blue): an exported grey radiograph has three
+    equal channels and is flagged; colour photos are not; untinted training disables the rule."""
+    root = write_rgb_classification_dataset(tmp_path / "raw" / "TaskDerm")
+    tint = np.array([60, 0, -40])[:, None, None]
+    for path in sorted((root / "imagesTr").glob("*.png")):
+        pixels = np.asarray(Image.open(path)).astype(int)
+        Image.fromarray(np.clip(pixels + np.moveaxis(tint, 0, -1), 0, 255).astype(np.uint8)).save(path)
+    configuration = make_classifier_configuration()
+    reference = reference_of(root, configuration)
+    assert reference.colour_spread_p01 > 0.2
+    photo = rgb_image((24, 30), seed=9)
+    photo.array = np.clip(photo.array.astype(int) + tint, 0, 255).astype(np.uint8)
+    assert check_case(photo, reference, configuration) == []
+    grey_rgb = ImageData(array=np.repeat(xray_like(1, (24, 30))[None], 3, axis=0), spacing=(1.0, 1.0),
+                         source_format="jpeg")
+    assert check_case(grey_rgb, reference, configuration)[0].startswith("grey picture in colour channels")
+    untinted = reference_of(write_rgb_classification_dataset(tmp_path / "raw2" / "TaskDerm"), configuration)
+    assert check_case(grey_rgb, untinted, configuration) == []
+
+
 def test_a_reference_from_an_older_fingerprint_skips_what_it_cannot_check(training):
     root, reference = training
     stored = json.loads((root.parent / "results" / "TaskToy" / "fingerprint.json").read_text())
@@ -428,3 +449,8 @@ def test_chest_xrays_given_to_a_dermoscopy_classifier_are_flagged(tmp_path):
         assert check_case(read_image(path), reference, configuration) == [], path.name
     chest = read_image(next((xray / "images").glob("*.png")))
     assert check_case(chest, reference, configuration)[0].startswith("grey image (1 channel)")
+    # the same radiograph exported as an RGB JPEG: three equal channels
+    exported = tmp_path / "chest.jpg"
+    Image.fromarray(np.repeat(chest.array[0][..., None], 3, axis=-1).astype(np.uint8)).save(exported)
+    reasons = check_case(read_image(exported), reference, configuration)
+    assert len(reasons) == 1 and reasons[0].startswith("grey picture in colour channels"), reasons

@@ -6,11 +6,13 @@ test trains on 40 JSRT images and checks that the model's Dice on upscaled, re-c
 annotated, cropped and noisy versions of validation images stays near the original's.
 """
 
+import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from autoplan import pipeline
@@ -22,7 +24,7 @@ from autoplan.planning import Configuration
 from autoplan.preprocessing import preprocess_case, revert_to_original
 from autoplan.robustness import NOISE_SIGMA, make_variants, variant_names
 from autoplan.runs import TrainOptions
-from tests.conftest import shared_dataset
+from tests.conftest import jsrt_subset
 
 
 def _phantom(size=224):
@@ -112,12 +114,7 @@ def test_jsrt_model_keeps_its_dice_on_images_from_other_sources(tmp_path):
     The regression of issue 23: upscaled radiographs were segmented at 4-9x the learnt
     scale (lung Dice ~0.3). With the field-of-view normalisation they score as the original.
     """
-    root = shared_dataset("jsrt_lungs")
-    images, masks = tmp_path / "images", tmp_path / "masks"
-    images.mkdir(), masks.mkdir()
-    for path in sorted((root / "images").glob("*.png"))[:40]:
-        (images / path.name).symlink_to(path)
-        (masks / path.name).symlink_to(root / "masks" / path.name)
+    images, masks = jsrt_subset(tmp_path, 40)
     folders = resolve_folders(tmp_path / "raw", tmp_path / "pre", tmp_path / "results")
     dataset = import_dataset("TaskXRay", images, folders.raw, masks_dir=masks,
                              label_map="150=lung,200=lung,250=heart", quiet=True)
@@ -147,3 +144,40 @@ def test_jsrt_model_keeps_its_dice_on_images_from_other_sources(tmp_path):
         assert dice[name] > dice["original"] - 0.03, dice
     for name in variant_names():
         assert dice[name] > dice["original"] - 0.15, dice
+
+
+def test_classifier_predicts_a_larger_photo_of_the_same_lesion_the_same_way(tmp_path):
+    """Classifiers resize whole images to their input size: a 1024x768 photo of a lesion
+    gets the probabilities of its 200x150 original (issue 23, item 5)."""
+    from tests.test_inference import make_classification_run
+
+    model = make_classification_run(tmp_path)
+    # an untrained net answers ~1/3 for everything; a 10x last layer spreads its answers (by
+    # about 0.09 between these lesions) so that the comparison below can fail
+    checkpoint = torch.load(model / "checkpoint_best.pt", weights_only=True)
+    checkpoint["model"]["fc.weight"] *= 10.0
+    torch.save(checkpoint, model / "checkpoint_best.pt")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:150, :200]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for n in range(4):
+        lesion = ((yy - 75 - 10 * n) / 40.0) ** 2 + ((xx - 100 + 8 * n) / 55.0) ** 2 < 1
+        photo = np.stack([np.where(lesion, 90 + 20 * n, 200), np.where(lesion, 60, 170 - 10 * n),
+                          np.where(lesion, 50, 150)], axis=-1).astype(float)
+        photo = np.clip(photo + rng.normal(0, 6, photo.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(photo).save(inputs / f"lesion{n}.jpg", quality=95)
+        Image.fromarray(photo).resize((1024, 768), Image.BICUBIC).save(inputs / f"lesion{n}_large.jpg",
+                                                                       quality=95)
+    predict_folder(model, inputs, tmp_path / "out", tta=True)
+    with open(tmp_path / "out" / "predictions.csv") as handle:
+        rows = {row["case"]: row for row in csv.DictReader(handle)}
+    classes = ["akiec", "bcc", "nv"]
+    spread = max(abs(float(rows[f"lesion{a}"][c]) - float(rows[f"lesion{b}"][c]))
+                 for a in range(4) for b in range(4) for c in classes)
+    assert spread > 0.05, "the network does not tell the lesions apart: the test would prove nothing"
+    for n in range(4):
+        small, large = rows[f"lesion{n}"], rows[f"lesion{n}_large"]
+        assert small["prediction"] == large["prediction"]
+        for name in classes:
+            assert float(small[name]) == pytest.approx(float(large[name]), abs=0.01)

@@ -20,7 +20,7 @@ from autoplan.nets import resolve_precision
 from autoplan.demo import write_demo_sources
 from autoplan.paths import resolve_folders
 from autoplan.runs import RunSpec, TrainOptions
-from tests.conftest import shared_dataset
+from tests.conftest import jsrt_subset, shared_dataset
 
 TINY = dict(epochs=2, iterations_per_epoch=3, n_workers=0, device="cpu")
 
@@ -214,12 +214,7 @@ def test_torchrun_two_gloo_processes_stay_in_sync(demo):
 @pytest.mark.realdata
 def test_jsrt_training_lowers_the_loss_and_segments_the_lungs(tmp_path):
     """40 real chest X-rays, a short CPU run: the loss falls and lung Dice exceeds 0.8."""
-    root = shared_dataset("jsrt_lungs")
-    images, masks = tmp_path / "images", tmp_path / "masks"
-    images.mkdir(), masks.mkdir()
-    for path in sorted((root / "images").glob("*.png"))[:40]:
-        (images / path.name).symlink_to(path)
-        (masks / path.name).symlink_to(root / "masks" / path.name)
+    images, masks = jsrt_subset(tmp_path, 40)
     folders = resolve_folders(tmp_path / "raw", tmp_path / "pre", tmp_path / "results")
     # both lungs as one label (the dataset's binary lung mask {150, 200}), and the heart
     dataset = import_dataset("TaskXRay", images, folders.raw, masks_dir=masks,
