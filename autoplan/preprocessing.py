@@ -201,12 +201,6 @@ def normalize_channel(values, scheme: dict):
     values = values.astype(np.float32, copy=False)
     if name == "zscore":
         return (values - values.mean()) / max(float(values.std()), 1e-8)
-    if name == "zscore_clipped":
-        # per image: clip to its own percentiles first, so burned-in text, markers and
-        # saturated borders (another site's radiograph) do not shift the mean and scale
-        low, high = np.percentile(values, scheme.get("percentiles", [0.5, 99.5]))
-        values = np.clip(values, low, high)
-        return (values - values.mean()) / max(float(values.std()), 1e-8)
     if name == "zscore_nonzero":
         mask = ndimage.binary_fill_holes(values != 0)
         if not mask.any():
