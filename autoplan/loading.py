@@ -14,12 +14,15 @@ and zoom see real image content, padded with zeros where it leaves the image, an
 cropped back to the patch by the spatial transform.
 """
 
+import os
 import random
+import signal
+import sys
+from pathlib import Path
 
 import numpy as np
 from batchgenerators.dataloading.data_loader import SlimDataLoaderBase
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
-from pathlib import Path
 
 from autoplan.augmentation import (
     DEFAULT_SCALE_PROBABILITY,
@@ -35,6 +38,25 @@ from autoplan.preprocessing import normalize_unit_batch
 
 # Batches each worker keeps ready; two per worker keeps the GPU fed without much memory.
 CACHED_PER_WORKER = 2
+PR_SET_PDEATHSIG = 1                # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a loader worker: end when the training process ends, even by ``kill -9``.
+
+    batchgenerators' workers would otherwise live on, re-parented to PID 1. Linux sends
+    them SIGKILL when their parent dies (prctl's parent-death signal); a parent that died
+    before this call is seen by the worker's changed parent id.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(0)
 
 
 class _BatchStream:
@@ -147,6 +169,7 @@ class _PatchSampler(SlimDataLoaderBase):
         self.infinite = infinite
         self._rng = None
         self._next_batch = 0
+        self._parent_pid = os.getpid()
 
     def set_thread_id(self, thread_id):
         """Called in each worker process: fresh generators per worker (Python's too, which
@@ -154,6 +177,7 @@ class _PatchSampler(SlimDataLoaderBase):
         super().set_thread_id(thread_id)
         self._rng = None
         if self.number_of_threads_in_multithreaded:
+            die_with_parent(self._parent_pid)
             random.seed(self.seed * 1000 + thread_id)
 
     def _generator(self):
@@ -299,12 +323,15 @@ class _ImageSampler(SlimDataLoaderBase):
         self.infinite = infinite
         self._rng = None
         self._next_batch = 0
+        self._parent_pid = os.getpid()
         present = self.labels[self.indices]
         self.by_class = [self.indices[present == c] for c in np.unique(present)]
 
     def set_thread_id(self, thread_id):
         super().set_thread_id(thread_id)
         self._rng = None
+        if self.number_of_threads_in_multithreaded:
+            die_with_parent(self._parent_pid)
 
     def _pixels(self):
         if isinstance(self.images, (str, Path)):

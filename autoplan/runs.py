@@ -36,6 +36,7 @@ class TrainOptions:
     time_budget_minutes: float | None = None
     run_name: str | None = None
     resume: bool = False
+    overwrite: bool = False              # replace an earlier run of the same name (its whole folder)
     device: str = "auto"                 # 'auto' | 'cpu' | 'cuda'
     seed: int = 0
     n_jobs: int | None = None
@@ -123,10 +124,39 @@ def best_checkpoint(fold_dir) -> Path:
     raise InputError(fold_dir, "no checkpoint_best.pt or checkpoint_final.pt (training not finished)")
 
 
+def _numpy_array_globals() -> list:
+    """What unpickling a numpy array needs (the NumPy RNG state in checkpoints up to 0.1)."""
+    import numpy as np
+    from numpy._core.multiarray import _reconstruct
+
+    return [_reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+
+
+def load_checkpoint(path, device="cpu") -> dict:
+    """A checkpoint's contents loaded as data: tensors, numbers, strings, lists and dicts.
+
+    Model files from others are data, not code: ``weights_only`` unpickling constructs
+    nothing but those (and numpy arrays); a file that would build any other object, which
+    a crafted pickle uses to run code, is refused with an InputError, as is a corrupt one.
+    """
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" in str(error):   # torch's weights-only unpickler met a class or function
+            raise InputError(path, "holds Python objects other than tensors and plain values: refused, since "
+                                   "loading it could run code (use checkpoints written by autoplan)") from None
+        raise InputError(path, "is not a readable checkpoint (not a torch file, or truncated)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise InputError(path, f"is not a readable checkpoint ({type(error).__name__}: {error})") from None
+
+
 def load_trained(fold_dir, device="cpu"):
     """(RunSpec, network in eval mode with the best weights) of one fold folder."""
     spec = RunSpec.load(Path(fold_dir) / "plan.json")
     network = build_network(spec, deep_supervision=False)
-    state = torch.load(best_checkpoint(fold_dir), map_location=device, weights_only=False)
+    state = load_checkpoint(best_checkpoint(fold_dir), device)
     network.load_state_dict(state["model"])
     return spec, network.to(device).eval()

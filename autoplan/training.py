@@ -9,6 +9,8 @@ import csv
 import math
 import os
 import random
+import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +20,7 @@ import torch
 
 from autoplan import distributed
 from autoplan.datasets import Dataset
+from autoplan.errors import InputError
 from autoplan.fingerprint import Fingerprint
 from autoplan.jsonio import JsonDataclass, atomic_write_text, to_jsonable
 from autoplan.parallel import progress_enabled
@@ -25,7 +28,7 @@ from autoplan.paths import Folders
 from autoplan.nets import autocast, memory_format, resolve_precision
 from autoplan.planning import GRAD_CLIP, VAL_ITERATION_COST, Configuration, Plan, epochs_fill_budget
 from autoplan.qc import qc_reference
-from autoplan.runs import RunSpec, TrainOptions, build_optimizer
+from autoplan.runs import RunSpec, TrainOptions, build_optimizer, load_checkpoint
 from autoplan.splits import load_or_create_splits
 from autoplan.tasks import make_task
 
@@ -127,19 +130,48 @@ def train(dataset: Dataset, plan: Plan, options: TrainOptions, folders: Folders)
 
     configuration_name = options.configuration or plan.default_configuration
     if configuration_name not in plan.configurations:
-        raise ValueError(f"configuration {configuration_name!r} not in plans.json "
-                         f"(has {', '.join(plan.configurations)})")
+        raise InputError(None, f"configuration {configuration_name!r} is not in plans.json of {dataset.name} "
+                               f"(it has {', '.join(plan.configurations)})")
     distributed.setup(_pick_device(options.device).type)
     if not distributed.is_main():
         distributed.barrier()          # rank 0 preprocesses and splits first; the others then reuse it
+    splits = load_or_create_splits(dataset, folders.results)
+    folds = folds_to_train(options.fold, len(splits))   # before preprocessing: a typo costs nothing
+    refuse_earlier_runs(dataset, plan.configurations[configuration_name], options, folders, folds)
     preprocessed_dir = preprocess_dataset(dataset, plan, configuration_name, folders.preprocessed,
                                           n_jobs=options.n_jobs)
-    splits = load_or_create_splits(dataset, folders.results)
     if distributed.is_main():
         distributed.barrier()
-    folds = range(len(splits)) if options.fold == "all" else [int(options.fold)]
     return [train_fold(dataset, plan.configurations[configuration_name], options, folders,
                        preprocessed_dir, splits[fold], fold) for fold in folds]
+
+
+def folds_to_train(fold: str, n_folds: int) -> list:
+    """The fold indices ``--fold`` names: 'all', or one of 0 .. n_folds - 1."""
+    if str(fold) == "all":
+        return list(range(n_folds))
+    if not str(fold).isdigit() or int(fold) >= n_folds:
+        raise InputError(None, f"--fold {fold!r}: choose 'all' or a fold from 0 to {n_folds - 1}")
+    return [int(fold)]
+
+
+def run_folder(dataset, configuration, options, folders, fold) -> Path:
+    """RESULTS/NAME/CFG/RUN_NAME/fold_K of ``configuration`` (already adjusted by the options)."""
+    name = run_name(options, configuration, options.norm or "instance")
+    return folders.results / dataset.name / configuration.name / name / f"fold_{fold}"
+
+
+def refuse_earlier_runs(dataset, configuration, options, folders, folds) -> None:
+    """A fold folder that already holds a run is neither mixed with a new one nor silently
+    replaced: --resume continues it, --overwrite replaces it whole."""
+    if options.resume or options.overwrite:
+        return
+    configuration = effective_configuration(configuration, options)
+    for fold in folds:
+        run_dir = run_folder(dataset, configuration, options, folders, fold)
+        if (run_dir / "plan.json").is_file() or (run_dir / "log.csv").is_file():
+            raise InputError(run_dir, "holds an earlier run: add --resume to continue it, --overwrite to "
+                                      "replace it, or --run-name for a new one")
 
 
 def _pick_device(requested: str) -> torch.device:
@@ -157,6 +189,17 @@ def _gpu_memory(device, configuration) -> dict:
             "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 3)}
 
 
+def _numpy_rng_state() -> list:
+    """NumPy's global RNG state as plain values and a tensor, so checkpoints load as data."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]
+
+
+def _numpy_rng_from(state) -> tuple:
+    name, keys, position, has_gauss, cached = state
+    return name, np.asarray(keys, dtype=np.int64).astype(np.uint32), int(position), int(has_gauss), float(cached)
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -170,8 +213,9 @@ def train_fold(dataset, configuration, options, folders, preprocessed_dir, split
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     configuration = effective_configuration(configuration, options)
     norm = options.norm or "instance"
-    name = run_name(options, configuration, norm)
-    run_dir = folders.results / dataset.name / configuration.name / name / f"fold_{fold}"
+    run_dir = run_folder(dataset, configuration, options, folders, fold)
+    if options.overwrite and not options.resume and distributed.is_main():
+        shutil.rmtree(run_dir, ignore_errors=True)   # the whole earlier run, not a mix of two
     spec = RunSpec(dataset=dataset.name, task_type=dataset.task_type, fold=fold,
                    configuration=configuration, options=options, labels=dataset.labels,
                    classes=dataset.classes, channel_names=dataset.channel_names,
@@ -190,7 +234,8 @@ def train_fold(dataset, configuration, options, folders, preprocessed_dir, split
     run = Run(run_dir=str(run_dir), dataset=dataset.name, configuration=configuration.name, fold=fold,
               epochs_completed=loop.epoch, iterations=loop.iterations, best_epoch=loop.best_epoch,
               best_ema_metric=loop.best_ema, train_seconds=loop.train_seconds,
-              total_seconds=time.monotonic() - started, stopped_by=loop.stopped_by,
+              # loop.started moved back by the elapsed time of a resumed run's earlier sessions
+              total_seconds=time.monotonic() - loop.started, stopped_by=loop.stopped_by,
               headline=headline_metrics(metrics) if metrics else {},
               world_size=distributed.world_size(), parameter_checksums=checksums, precision=loop.precision,
               **_gpu_memory(device, configuration))
@@ -365,6 +410,7 @@ class TrainingLoop:
                f"ema_{self.task.metric}": self.ema, "lr": self.optimizer.param_groups[0]["lr"],
                "seconds": round(self._epoch_seconds, 2)}
         self._append_log(row)
+        self._print_epoch(train_loss, val_loss, metric)
         if self.ema > self.best_ema:
             self.best_ema, self.best_epoch = self.ema, self.epoch
             self._save_checkpoint("checkpoint_best.pt")
@@ -375,6 +421,20 @@ class TrainingLoop:
             plot_learning_curves(self.log_path, self.run_dir / "curves.png")
         except Exception as error:  # a plotting failure must not kill a training run
             print(f"warning: could not draw curves.png: {error}")
+
+    def _print_epoch(self, train_loss, val_loss, metric):
+        """One line per epoch, as nnU-Net prints: with no terminal (nohup, SLURM, CI) the bars
+        are off and this is what shows a long run is alive."""
+        from tqdm.auto import tqdm
+
+        if self.deadline is not None:
+            left = max(0.0, self.deadline - time.monotonic())
+        else:
+            left = (self.max_epochs - self.epoch) * self._epoch_seconds
+        tqdm.write(f"epoch {self.epoch}/{self.max_epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                   f"val {self.task.metric} {metric:.4f}, {self._epoch_seconds:.0f} s, "
+                   f"about {left / 60:.1f} min left", file=sys.stdout)
+        sys.stdout.flush()
 
     # -- log and checkpoints --------------------------------------------------------------------
     def _write_log_header(self):
@@ -391,7 +451,7 @@ class TrainingLoop:
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iterations": self.iterations,
                 "train_seconds": self.train_seconds, "ema": self.ema, "best_ema": self.best_ema,
                 "best_epoch": self.best_epoch, "elapsed": time.monotonic() - self.started,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(),
                         "python": random.getstate()}}
 
     def _save_checkpoint(self, name: str):
@@ -406,7 +466,7 @@ class TrainingLoop:
             print(f"no {path.name} in {self.run_dir}: starting from scratch")
             self._write_log_header()
             return
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = load_checkpoint(path, self.device)
         distributed.unwrap(self.network).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -418,7 +478,7 @@ class TrainingLoop:
         if self.deadline is not None:
             self.deadline -= state["elapsed"]
         torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
+        np.random.set_state(_numpy_rng_from(state["rng"]["numpy"]))
         random.setstate(state["rng"]["python"])
         print(f"resuming {self.run_dir} after epoch {self.epoch}")
 
@@ -428,7 +488,7 @@ class TrainingLoop:
         best = self.run_dir / "checkpoint_best.pt"
         if best.is_file():
             distributed.unwrap(self.network).load_state_dict(
-                torch.load(best, map_location=self.device, weights_only=False)["model"])
+                load_checkpoint(best, self.device)["model"])
         run_info = {"dataset": self.spec.dataset, "configuration": to_jsonable(self.configuration),
                     "options": to_jsonable(self.spec.options), "fold": self.spec.fold,
                     "device": str(self.device), "precision": self.precision, "epochs_completed": self.epoch,

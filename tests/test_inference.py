@@ -481,3 +481,59 @@ def test_inputs_that_would_write_the_same_mask_are_refused(tmp_path):
         predict_folder(model, inputs, out, tta=False)
     assert "would write same.png" in str(caught.value)
     assert [p.name for p in out.iterdir()] == ["other.png"]
+
+
+class _RunsCode:
+    """A pickle that runs code when loaded, as a malicious model file would."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    """Model files from others are data: unpickling may build tensors and plain values only."""
+    run = make_segmentation_run(tmp_path, dim=2)
+    marker = tmp_path / "code_ran"
+    state = torch.load(run / "checkpoint_best.pt", weights_only=True)
+    state["payload"] = _RunsCode(marker)
+    torch.save(state, run / "checkpoint_best.pt")
+    images = tmp_path / "in"
+    images.mkdir()
+    Image.fromarray(np.full((20, 20), 90, dtype=np.uint8)).save(images / "a.png")
+    with pytest.raises(InputError, match="could run code"):
+        predict_folder(run, images, tmp_path / "out")
+    assert not marker.exists()
+    (run / "checkpoint_best.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="not a readable checkpoint"):
+        predict_folder(run, images, tmp_path / "out")
+
+
+def test_old_checkpoints_with_a_numpy_rng_state_still_load(tmp_path):
+    """Checkpoints up to this version hold NumPy's RNG state as an array: still data, still loaded."""
+    from autoplan.runs import load_checkpoint
+
+    run = make_segmentation_run(tmp_path, dim=2)
+    state = torch.load(run / "checkpoint_best.pt", weights_only=True)
+    state["rng"] = {"numpy": np.random.get_state()}
+    torch.save(state, run / "checkpoint_best.pt")
+    loaded = load_checkpoint(run / "checkpoint_best.pt")
+    assert isinstance(loaded["rng"]["numpy"][1], np.ndarray)
+
+
+def test_a_volume_among_photos_fails_alone_and_the_others_are_classified(tmp_path):
+    """One 3D NIfTI in a folder of photos: predictions.csv holds the photos, the command names the volume."""
+    model = make_classification_run(tmp_path)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(inputs / f"{name}.jpg")
+    _write_volume(inputs / "scan.nii.gz", (6, 16, 20), (1.0, 1.0, 1.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="scan.nii.gz"):
+        predict_folder(model, inputs, out)
+    with open(out / "predictions.csv", newline="") as handle:
+        assert [row["case"] for row in csv.DictReader(handle)] == ["a", "b"]

@@ -2,6 +2,7 @@
 
 import multiprocessing
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -259,3 +260,47 @@ def test_field_of_view_plans_shift_whole_images_inside_the_patch(tmp_path):
     assert max(abs(r - centre[0]) for r, _ in shifted) == max(abs(c - centre[1]) for _, c in shifted) == 3
     with SegmentationLoader(tmp_path, ids, fitted, augment="none", n_workers=0, seed=3) as loader:
         assert len(_image_positions(loader)) == 1
+
+
+KILL_SCRIPT = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_loading import child_pids, configuration
+from autoplan.loading import SegmentationLoader
+folder = Path({folder!r})
+ids = sorted(p.stem for p in folder.glob("*.json"))
+loader = SegmentationLoader(folder, ids, configuration(), augment="default", n_workers=2)
+next(loader)
+print("workers", " ".join(sorted(child_pids())), flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: str) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"          # a zombie has exited; only its parent has not reaped it yet
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
+def test_kill_minus_nine_of_the_trainer_ends_its_loader_workers(tmp_path):
+    """Workers re-parented to PID 1 after kill -9 of training lived on (issue 24)."""
+    import signal
+    import subprocess
+
+    write_cases(tmp_path / "cases")
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), folder=str(tmp_path / "cases"))
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).resolve().parents[1])
+    line = process.stdout.readline()
+    workers = line.split()[1:]
+    assert line.startswith("workers") and len(workers) >= 2, line
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers)

@@ -3,7 +3,6 @@
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -104,16 +103,19 @@ def test_kill_minus_nine_then_resume_loses_at_most_one_epoch(demo):
         time.sleep(0.2)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    done = torch.load(run_dir / "checkpoint_latest.pt", weights_only=False)["epoch"]
+    done = torch.load(run_dir / "checkpoint_latest.pt", weights_only=True)["epoch"]   # pure data
     assert 1 <= done < 6
     assert process.returncode != 0
     resumed = _cli(*args, "--resume", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert f"resuming {run_dir} after epoch {done}" in output
+    assert "epoch 6/6: train loss" in output     # one line an epoch, also with no terminal
     rows = read_log(run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert json.loads((run_dir / "run.json").read_text())["epochs_completed"] == 6
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["epochs_completed"] == 6
+    assert run["total_seconds"] >= run["train_seconds"]     # both count the crashed session too
 
 
 def test_time_budget_is_honoured(demo):
@@ -269,7 +271,9 @@ def test_sweep_trains_every_combination_and_compares(demo, capsys):
     from autoplan.cli import main
 
     folders = demo["folders"]
+    # --overwrite: the ablation test above trained the same `ce` run in this shared folder
     code = main(["sweep", "DemoXRay", "--loss", "ce,dice", "--epochs", "1", "--iterations-per-epoch", "2",
+                 "--overwrite",
                  "--workers", "0", "--device", "cpu", "--raw", str(folders.raw), "--results", str(folders.results),
                  "--preprocessed", str(folders.preprocessed)])
     assert code == 0
