@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from autoplan.errors import InputError
+from autoplan.fingerprint import NATURAL_FORMATS
 from autoplan.io.images import (
     NATURAL_EXTENSIONS,
     ImageData,
@@ -151,6 +152,9 @@ def _files_per_case(channel_names: dict) -> int:
 MASK_SUFFIXES = ("_segmentation", "_mask", "_seg", "_label")
 # Geometry of image and mask must agree within these tolerances.
 SPACING_RTOL = 1e-4
+# A 2D mask without --label-map holding more grey values than this is a photograph or a lossy
+# JPEG (254 values when --masks named the images folder, ~90 for JPEG masks), not a label map.
+MAX_UNMAPPED_MASK_VALUES = 32
 ORIGIN_ATOL_MM = 1e-3
 DIRECTION_ATOL = 1e-4
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -291,6 +295,8 @@ def import_dataset(
         ending, copy_images = given["file_ending"], not to_rgb
     else:
         ending, copy_images = _output_ending(jobs, natural, task_type, to_rgb)
+    if not natural and any(i.channels > len(j.images) for i, j in zip(inspections, jobs)):
+        copy_images = False        # volumes holding several channels are split into channel files
     value_to_id, labels = _label_ids_from(label_map, inspections, task_type)
     description = {
         **{k: v for k, v in given.items() if k not in ("name", "numTraining")},
@@ -308,6 +314,10 @@ def import_dataset(
                (("images", images_dir), ("masks", masks_dir), ("labels_csv", labels_csv))},
             "label_map": {str(k): v for k, v in value_to_id.items()} if value_to_id else None,
             "converted_grey_to_rgb": sorted(to_rgb),
+            # which file each case came from, where its id is not simply the file's stem
+            "renamed": {job.id: [Path(p).name for p in job.images] for job in jobs
+                        if job.id not in {strip_ending(Path(p).name) for p in job.images}
+                        and not _CHANNEL_SUFFIX.match(strip_ending(Path(job.images[0]).name))} or None,
         },
     }
     citation = known_citation(images_dir)
@@ -379,8 +389,12 @@ def _case_listing(jobs, task_type: str, classes, layout: str) -> dict:
 
 
 def _case_id(stem: str, where: Path) -> str:
-    """File stems as case ids; characters that trouble file systems become '_'."""
-    case_id = re.sub(r"[^A-Za-z0-9_\-.]", "_", stem).strip(".")
+    """File stems as case ids; characters that trouble file systems or shells become '_'.
+
+    Letters of every script stay (``Пациент_01``, ``患者2``): replacing them made ``__``
+    of such names, and two of them the same id.
+    """
+    case_id = re.sub(r"[^\w\-.]", "_", stem).strip(".")
     if not case_id:
         raise InputError(where, "cannot derive a case id from this name")
     return case_id
@@ -483,6 +497,8 @@ def _unlabelled_jobs(images_dir: Path) -> list:
 
 
 def _read_label_table(csv_path: Path) -> tuple:
+    if csv_path.is_dir():
+        raise InputError(csv_path, "is a folder; --labels takes a CSV file (one row per image)")
     if not csv_path.is_file():
         raise InputError(csv_path, "labels CSV not found")
     try:
@@ -641,22 +657,28 @@ class _InspectTask:
             mask = _read_mask(job.mask)
             if (problem := _same_geometry(first, mask)) is not None:
                 raise InputError(job.mask, problem)
-            values = self._mask_values(job.mask, mask.array)
+            values = self._mask_values(job.mask, mask.array, mask.meta.get("file_format") or mask.source_format)
         return _Inspection(id=job.id, channels=channels, dim=first.dim, mask_values=values,
                            first_image=job.images[0])
 
-    def _mask_values(self, path: Path, array: np.ndarray) -> list:
+    def _mask_values(self, path: Path, array: np.ndarray, source_format: str = "") -> list:
         unique = np.unique(array)
         if np.issubdtype(unique.dtype, np.floating) and not np.array_equal(unique, np.round(unique)):
             raise InputError(path, "mask holds fractional values; masks hold whole label values")
         values = [int(v) for v in unique]
         if values and values[0] < 0:
             raise InputError(path, f"mask holds the negative value {values[0]}")
+        lossy = (" (JPEG is lossy: edges get values between the labels; save masks as PNG)"
+                 if source_format == "jpeg" else "")
         if self.allowed is not None:
             unknown = [v for v in values if v not in self.allowed]
             if unknown:
-                raise InputError(path, f"mask value(s) {unknown} not in the label map "
-                                       f"(known: {sorted(self.allowed)})")
+                raise InputError(path, f"mask value(s) {unknown[:10]} not in the label map "
+                                       f"(known: {sorted(self.allowed)}){lossy}")
+        elif source_format in NATURAL_FORMATS and len(values) > MAX_UNMAPPED_MASK_VALUES:
+            raise InputError(path, f"mask holds {len(values)} different grey values: it looks like a photograph, "
+                                   f"not a label map{lossy}; is --masks the images folder? Masks with known "
+                                   "values take --label-map")
         return values
 
 
@@ -761,17 +783,24 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def _write_case(job: _WriteJob) -> None:
     case = job.case
-    for channel, source in enumerate(case.images):
-        target = job.root / "imagesTr" / f"{case.id}_{channel:04d}{job.ending}"
+    channel = 0
+    for source in case.images:
         if job.copy_images:
-            _link_or_copy(source, target)
+            _link_or_copy(source, job.root / "imagesTr" / f"{case.id}_{channel:04d}{job.ending}")
+            channel += 1
             continue
         image = read_image(source)
         array = np.repeat(image.array, 3, axis=0) if job.to_rgb else image.array
-        try:
-            write_image(array, target, image)
-        except ValueError as error:
-            raise InputError(source, f"cannot convert to {job.ending}: {error}") from None
+        # a 4D volume (MSD's multi-modal NIfTI) becomes one file per channel, nnU-Net's layout;
+        # natural colour images stay one RGB file
+        parts = [array] if image.source_format in NATURAL_FORMATS else [c[None] for c in array]
+        for part in parts:
+            target = job.root / "imagesTr" / f"{case.id}_{channel:04d}{job.ending}"
+            try:
+                write_image(part, target, image)
+            except ValueError as error:
+                raise InputError(source, f"cannot convert to {job.ending}: {error}") from None
+            channel += 1
     if case.mask is None:
         return
     target = job.root / "labelsTr" / f"{case.id}{job.ending}"

@@ -493,3 +493,65 @@ def test_full_real_datasets_import_times(tmp_path):
     assert xray.labels == {"background": 0, "right_lung": 1, "left_lung": 2, "heart": 3}
     print("import seconds:", {k: round(v, 1) for k, v in timings.items()})
     assert timings["ham10000"] < 120
+
+
+def test_masks_that_look_like_photographs_are_refused_with_a_hint(tmp_path):
+    """--masks naming the images folder, and lossy JPEG masks, imported hundreds of 'labels'."""
+    images, masks = natural_segmentation(tmp_path / "src")
+    raw = tmp_path / "raw"
+    with pytest.raises(InputError, match="looks like a photograph") as error:
+        quick(name="Photos", images_dir=images, raw_root=raw, masks_dir=images)
+    assert "images folder" in error.value.problem
+    assert_refused(error, images / "case0.png", raw, "Photos")
+    # a smooth mask saved as JPEG: its edges get values between 0 and 255
+    jpeg_masks = tmp_path / "jpeg_masks"
+    jpeg_masks.mkdir()
+    yy, xx = np.mgrid[:24, :32]
+    for index in range(3):
+        smooth = (((yy - 12) ** 2 + (xx - 10 - index) ** 2) < 60).astype(np.uint8) * 255
+        Image.fromarray(smooth).save(jpeg_masks / f"case{index}.jpg", quality=70)
+    with pytest.raises(InputError, match="JPEG is lossy"):
+        quick(name="Jpeg", images_dir=images, raw_root=raw, masks_dir=jpeg_masks)
+    # the same bytes under a .png name are still a JPEG
+    for path in jpeg_masks.glob("*.jpg"):
+        path.rename(path.with_suffix(".png"))
+    with pytest.raises(InputError, match="JPEG is lossy"):
+        quick(name="Jpeg", images_dir=images, raw_root=raw, masks_dir=jpeg_masks,
+              label_map=parse_label_map("255=lesion"))
+
+
+def test_non_latin_file_names_keep_readable_unique_ids(tmp_path):
+    """Names in other scripts became '__' and collided; spaces still become '_' and
+    dataset.json says which file each renamed case came from."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    for index, stem in enumerate(["Пациент1", "Пациент2", "患者3", "scan 4"]):
+        blob_png(images / f"{stem}.png", seed=index)
+        mask_png(masks / f"{stem}.png")
+    dataset = quick(name="Names", images_dir=images, raw_root=tmp_path / "raw", masks_dir=masks)
+    assert sorted(case.id for case in dataset.cases) == sorted(["Пациент1", "Пациент2", "患者3", "scan_4"])
+    assert dataset.description["source"]["renamed"] == {"scan_4": ["scan 4.png"]}
+
+
+def test_4d_volumes_are_split_into_channel_files(tmp_path, folders):
+    """Multi-modal 4D NIfTI (as MSD ships BrainTumour and Prostate) imported as one file
+    declaring two channels, and the fingerprint then failed; now each channel is a file."""
+    from autoplan.fingerprint import fingerprint_dataset
+
+    images, masks = tmp_path / "imagesTr", tmp_path / "labelsTr"
+    images.mkdir(), masks.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        four_d = sitk.GetImageFromArray(rng.normal(size=(2, 6, 8, 10)).astype(np.float32), isVector=False)
+        sitk.WriteImage(four_d, str(images / f"brain_{index}.nii.gz"))
+        labels = np.zeros((6, 8, 10), np.uint8)
+        labels[2:4, 2:5, 3:7] = 1
+        volume(masks / f"brain_{index}.nii.gz", labels, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0))
+    dataset = quick(name="Brain", images_dir=images, raw_root=folders.raw, masks_dir=masks)
+    assert len(dataset.channel_names) == 2
+    files = sorted(p.name for p in (folders.raw / "Brain" / "imagesTr").iterdir())
+    assert files[:2] == ["brain_0_0000.nii.gz", "brain_0_0001.nii.gz"] and len(files) == 6
+    second = read_image(folders.raw / "Brain" / "imagesTr" / "brain_1_0001.nii.gz")
+    assert second.array.shape == (1, 6, 8, 10)
+    fingerprint = fingerprint_dataset(dataset, folders.results, n_jobs=1)
+    assert len(fingerprint.channels) == 2

@@ -182,7 +182,9 @@ def _check_finite(image: ImageData) -> None:
 def _read_natural(path: Path) -> ImageData:
     with Image.open(path) as pil:
         pil.load()  # full decode: catches truncated files that verify() lets through
-        meta = {"mode": pil.mode, "n_frames": getattr(pil, "n_frames", 1)}
+        # what the bytes are, whatever the name says (a JPEG saved as .png is still lossy)
+        meta = {"mode": pil.mode, "n_frames": getattr(pil, "n_frames", 1),
+                "file_format": (pil.format or "").lower()}
         pixels, meta["bit_depth"] = _natural_pixels(pil)
     array = pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)
     return ImageData(
