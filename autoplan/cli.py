@@ -46,6 +46,7 @@ def _add_train_options(parser):
     parser.add_argument("--iterations-per-epoch", type=int, default=None)
     parser.add_argument("--run-name", default=None)
     parser.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run of the same name")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                         help="autocast precision (default: the plan's; fp16 needs CUDA, bf16 on CPU "
@@ -61,6 +62,7 @@ def _train_options(args) -> TrainOptions:
                         pretrained=args.pretrained, epochs=args.epochs,
                         iterations_per_epoch=args.iterations_per_epoch,
                         time_budget_minutes=args.time_budget, run_name=args.run_name, resume=args.resume,
+                        overwrite=args.overwrite,
                         device=args.device or "auto", seed=args.seed, n_jobs=args.n_jobs,
                         n_workers=args.workers, precision=args.precision)
 
@@ -141,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "workers"):
         p.add_argument(f"--{option}", default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace earlier runs of the same names")
     p.add_argument("--output", type=Path, default=None)
     _add_folders(p)
 
@@ -156,6 +159,12 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args) or 0
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.filename is None:     # not about a file or folder the user named: a bug, show it
+            raise
+        # a folder that is not writable, an output path that is a file, a full disk...
+        print(f"error: {error.filename}: {error.strerror or error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -188,6 +197,7 @@ def cmd_fingerprint(args):
     folders = _folders(args)
     result = fingerprint(open_dataset(args.name, folders), folders, force=args.force, n_jobs=args.n_jobs)
     print(format_fingerprint_summary(result))
+    print(f"wrote {folders.dataset_results(args.name) / 'fingerprint.json'}")
 
 
 def cmd_plan(args):
@@ -207,6 +217,7 @@ def _print_runs(runs):
     for run in runs:
         headline = ", ".join(f"{k} {v:.4f}" for k, v in run.headline.items() if isinstance(v, float))
         print(f"{run.run_dir}: {run.epochs_completed} epochs ({run.stopped_by}), {headline}")
+        print(f"  report: {Path(run.run_dir) / 'report.html'} (also report.md, metrics.json)")
 
 
 def cmd_train(args):
@@ -270,7 +281,7 @@ def cmd_sweep(args):
         seed=int(args.seed or 0), epochs=int(args.epochs) if args.epochs else None,
         iterations_per_epoch=int(args.iterations_per_epoch) if args.iterations_per_epoch else None,
         time_budget_minutes=float(args.time_budget) if args.time_budget else None,
-        device=args.device or "auto", n_jobs=args.n_jobs,
+        device=args.device or "auto", n_jobs=args.n_jobs, overwrite=args.overwrite,
         n_workers=int(args.workers) if args.workers else None)
     table, output = sweep(open_dataset(args.name, folders), folders, options, grid, args.output)
     print(table)

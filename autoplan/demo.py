@@ -117,8 +117,8 @@ def run_demo(workdir: Path, time_budget_minutes: float = 1.0) -> dict:
          "--id-column", "image_id", "--label-column", "dx", "--group-column", "patient", "--overwrite",
          "--raw", str(workdir / "raw")],
         ["fingerprint", "DemoXRay", *folders],
-        ["plan-and-train", "DemoXRay", *budget, "--run-name", "demo", *train_folders],
-        ["plan-and-train", "DemoDerm", *budget, "--run-name", "demo", *train_folders],
+        ["plan-and-train", "DemoXRay", *budget, "--run-name", "demo", "--overwrite", *train_folders],
+        ["plan-and-train", "DemoDerm", *budget, "--run-name", "demo", "--overwrite", *train_folders],
     ]
     for step in steps:
         print(f"\n$ autoplan {' '.join(step)}")

@@ -17,6 +17,7 @@ preprocessed images) and ``gradcam_samples``.
 import contextlib
 import io
 import itertools
+import os
 import re
 import sys
 import time
@@ -405,11 +406,19 @@ def mask_path(case: InputCase, output_dir: Path) -> Path:
 
 
 def check_output_folder(input_dir: Path, output_dir: Path) -> None:
-    """Refuse an output folder that is the input folder or inside it (outputs would mix with inputs)."""
+    """Refuse an output folder that is the input folder or inside it (outputs would mix with
+    inputs), that is a file, or that cannot be written: before any case is computed."""
     source, target = Path(input_dir).resolve(), Path(output_dir).resolve()
     if target == source or source in target.parents:
         raise InputError(output_dir, f"is inside the input folder {input_dir}; choose an output "
                                      "folder outside it")
+    if target.exists() and not target.is_dir():
+        raise InputError(output_dir, "is a file; --output must be a folder")
+    existing = target
+    while not existing.exists():            # the folder is made later; its nearest ancestor must be writable
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(output_dir, f"cannot be written ({existing} is not writable)")
 
 
 @contextlib.contextmanager
@@ -491,13 +500,6 @@ def classify_pixels(networks: list, pixels, configuration, tta: bool, device) ->
     return decision_probabilities(probabilities, configuration.imbalance)
 
 
-def classify_images(ensemble: Ensemble, images: list, tta: bool, device) -> np.ndarray:
-    """Decision probabilities ``(N, K)`` of ImageData objects, averaged over the ensemble's folds."""
-    configuration = ensemble.spec.configuration
-    pixels = np.stack([preprocessing.load_classification_image(image, configuration) for image in images])
-    return classify_pixels(ensemble.networks, pixels, configuration, tta, device)
-
-
 def _predictions_csv(rows: list, classes: list, reasons: dict | None = None) -> str:
     """case, prediction, one probability per class; with ``reasons`` ({case: [reason]}) also
     the quality flags' ``flagged`` and ``reasons`` columns."""
@@ -525,19 +527,22 @@ def _classify_cases(ensemble: Ensemble, cases: list, tta: bool, device, failures
     reference = run_reference(ensemble.spec) if reasons is not None else None
     bar = _progress(cases, desc)
     for first in range(0, len(cases), CLASSIFICATION_BATCH):
-        chunk, images = [], []
+        chunk, pixels = [], []
         for case in cases[first:first + CLASSIFICATION_BATCH]:
             try:
                 # 1 <-> 3 channels are converted by load_classification_image (any format)
-                images.append(read_case(case.files, None if n_channels in (1, 3) else n_channels))
+                image = read_case(case.files, None if n_channels in (1, 3) else n_channels)
+                # resized here, per case: a volume among the photos fails alone, not its batch
+                case_pixels = preprocessing.load_classification_image(image, configuration)
                 if reference is not None:
-                    reasons[case.name] = check_case(images[-1], reference, configuration)
+                    reasons[case.name] = check_case(image, reference, configuration)
                 chunk.append(case)
+                pixels.append(case_pixels)
             except Exception as error:  # noqa: BLE001 - one bad file must not stop the others
                 failures.append(_failure_text(case, error))
                 tqdm.write(f"failed: {failures[-1]}", file=sys.stderr)
-        if images:
-            yield from zip(chunk, classify_images(ensemble, images, tta, device))
+        if pixels:
+            yield from zip(chunk, classify_pixels(ensemble.networks, np.stack(pixels), configuration, tta, device))
         bar.update(len(cases[first:first + CLASSIFICATION_BATCH]))
     bar.close()
 

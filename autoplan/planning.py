@@ -477,6 +477,11 @@ class ThroughputCache:
             except (ValueError, OSError, AttributeError):
                 self.entries = {}      # a damaged cache is re-measured, not trusted
         self.measured_now = 0
+        self.fresh = set()             # keys measured by this planner run
+
+    def _implausible(self, configuration: Configuration, key: str) -> bool:
+        ratio = float(self.entries[key]) / estimate_seconds_per_iteration(configuration, self.device)
+        return not PROBE_RATIO_RANGE[0] <= ratio <= PROBE_RATIO_RANGE[1]
 
     def key(self, configuration: Configuration) -> str:
         from autoplan.nets import memory_format
@@ -492,8 +497,11 @@ class ThroughputCache:
 
     def seconds(self, configuration: Configuration) -> float:
         key = self.key(configuration)
-        if key not in self.entries:
+        if key not in self.entries or (key not in self.fresh and self._implausible(configuration, key)):
+            # new, or cached from a busy machine (a figure the planner clamps): measure again,
+            # once per plan, rather than let one noisy probe shape every later plan
             self.entries[key] = measure_seconds_per_iteration(configuration, self.device)
+            self.fresh.add(key)
             self.measured_now += 1
             if self.path is not None:
                 write_json(self.path, {"note": "seconds per training iteration measured by the "

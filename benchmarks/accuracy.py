@@ -25,7 +25,7 @@ def run_one(name, minutes, loss=None):
     run_name = f"bench-{minutes:g}min" + (f"-{loss}" if loss else "")
     extra = ["--loss", loss] if loss else []
     seconds = autoplan("plan-and-train", name, "--time-budget", minutes, "--device", "cpu", "--fold", "0",
-                       "--run-name", run_name, *extra, *folders_args())
+                       "--run-name", run_name, "--overwrite", *extra, *folders_args())
     run_dir = WORK / "results" / name / CONFIG[name] / run_name / "fold_0"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     run = json.loads((run_dir / "run.json").read_text())

@@ -134,6 +134,7 @@ def main():
     print(f"2/4 training, {args.budget:g} min each", flush=True)
     our_train = checked(measured_run([sys.executable, "-m", "autoplan", "train", DATASET_NAME, "--time-budget",
                                       args.budget, "--fold", "0", "--device", "cpu", "--run-name", "versus",
+                                      "--overwrite",
                                       *folder_args], env=env), "autoplan train")
     # each side keeps back time for its final validation: autoplan its own estimate, nnU-Net
     # what its validation measured here (about 4 s a case with mirroring on 2 threads)

@@ -507,3 +507,27 @@ def test_field_of_view_working_grid_follows_the_median_image():
     config = plan_dataset("TaskPhotos", fp, device="cuda", gpu_memory_gb=8).configurations["2d"]
     assert config.field_of_view["working_size"] == [300, 400]
     assert config.median_image_size == [300, 400]
+
+
+def test_cached_probe_figures_that_were_clamped_are_measured_again(tmp_path, monkeypatch):
+    """A probe on a busy machine ('clamped to 4x') was cached and reused by every later plan."""
+    import autoplan.planning as planning
+
+    calls, slowdown = [], {"factor": 9.0}
+
+    def fake_measure(configuration, device="cpu"):
+        calls.append(configuration.batch_size)
+        return estimate_seconds_per_iteration(configuration) * slowdown["factor"]
+
+    monkeypatch.setattr(planning, "measure_seconds_per_iteration", fake_measure)
+    fp = jsrt_fingerprint()
+    busy = plan_dataset("TaskXRay", fp, device="cpu", time_budget_minutes=10, results_dir=tmp_path)
+    assert any("clamped" in note for note in busy.notes)
+    n_busy = len(calls)
+    slowdown["factor"] = 1.2                      # the machine is quiet again
+    quiet = plan_dataset("TaskXRay", fp, device="cpu", time_budget_minutes=10, results_dir=tmp_path)
+    assert len(calls) > n_busy                    # the clamped entries were measured again
+    assert not any("clamped" in note for note in quiet.notes)
+    n_quiet = len(calls)
+    plan_dataset("TaskXRay", fp, device="cpu", time_budget_minutes=10, results_dir=tmp_path)
+    assert len(calls) == n_quiet                  # plausible figures are reused (determinism)
