@@ -8,6 +8,7 @@ Classification datasets list their cases with class and optional group in
 """
 
 import csv
+import io
 import os
 import re
 import shutil
@@ -464,6 +465,12 @@ def _segmentation_jobs(images_dir: Path, masks_dir: Path) -> list:
     jobs = []
     for mask, (case_stem, channel_files) in by_mask.items():
         channel_files.sort()
+        same_name = [image.name for _, image in channel_files if strip_ending(image.name) == case_stem]
+        if len(same_name) > 1:       # X.png and X.jpg: two images for one mask, not two channels
+            raise InputError(channel_files[0][1], f"{len(same_name)} images share the name {case_stem!r} "
+                                                  f"({', '.join(sorted(same_name))}) but there is one mask "
+                                                  f"{mask.name}: keep one image, or name channel files "
+                                                  f"{case_stem}_0000, {case_stem}_0001, ...")
         if [c for c, _ in channel_files] != list(range(len(channel_files))):
             raise InputError(mask, "the image channel files of this mask are not numbered "
                                    "_0000, _0001, ... without gaps")
@@ -502,15 +509,27 @@ def _read_label_table(csv_path: Path) -> tuple:
     if not csv_path.is_file():
         raise InputError(csv_path, "labels CSV not found")
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            rows = list(reader)
-            columns = reader.fieldnames or []
-    except (UnicodeDecodeError, csv.Error) as error:
-        raise InputError(csv_path, f"cannot read as CSV: {error}") from None
+        text = csv_path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise InputError(csv_path, f"is not UTF-8 text (byte 0x{error.object[error.start]:02x} at position "
+                                   f"{error.start}; Excel's plain 'CSV' is often latin-1 or cp1252): save it as "
+                                   "'CSV UTF-8'") from None
+    delimiter = _csv_delimiter(text.split("\n", 1)[0])
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+        rows = list(reader)
+        columns = reader.fieldnames or []
+    except csv.Error as error:
+        raise InputError(csv_path, f"cannot read as CSV (columns separated by {delimiter!r}): {error}") from None
     if not rows:
         raise InputError(csv_path, "no rows")
     return rows, columns
+
+
+def _csv_delimiter(header: str) -> str:
+    """',' unless the header line is only split by ';' or tabs (European Excel, TSV exports)."""
+    counts = {delimiter: header.count(delimiter) for delimiter in (",", ";", "\t")}
+    return max(counts, key=counts.get) if counts[","] == 0 and max(counts.values()) > 0 else ","
 
 
 def _pick_column(csv_path: Path, columns: list, wanted: str | None, guesses, flag: str) -> str:

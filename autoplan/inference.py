@@ -590,6 +590,19 @@ def _predict_segmentation_cases(ensemble: Ensemble, cases: list, output_dir: Pat
     return written
 
 
+def _say_what_is_skipped(input_dir: Path, images: list) -> None:
+    """One line naming the entries of the input folder that are not predicted (a silent skip
+    of a mistyped ending or a nested study looked like a lost case)."""
+    kept = {Path(p).name for p in images}
+    skipped = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(input_dir).iterdir()
+                     if not p.name.startswith(".") and p.name not in kept)
+    if skipped:
+        listing = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+        print(f"note: {input_dir}: skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} that "
+              f"{'is' if len(skipped) == 1 else 'are'} not an image or DICOM series folder: {listing}",
+              file=sys.stderr)
+
+
 def predict_folder(model_dir, input_dir, output_dir, tta: bool = True, device="cpu",
                    save_probabilities: bool = False, n_jobs: int | None = None) -> dict:
     """Predict every image file and DICOM series folder directly inside ``input_dir``.
@@ -608,7 +621,9 @@ def predict_folder(model_dir, input_dir, output_dir, tta: bool = True, device="c
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     check_output_folder(input_dir, output_dir)
-    cases = group_input_cases(list_image_files(input_dir))
+    images = list_image_files(input_dir)
+    _say_what_is_skipped(input_dir, images)
+    cases = group_input_cases(images)
     if not cases:
         raise InputError(input_dir, "holds no images (PNG/JPEG/TIFF/BMP, NIfTI/NRRD/MHA, or DICOM "
                                     "series folders)")

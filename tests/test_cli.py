@@ -124,3 +124,70 @@ def test_an_earlier_run_of_the_same_name_is_refused_or_replaced_whole(tmp_path, 
     assert not (run_dir / "stale.txt").exists() and (run_dir / "metrics.json").is_file()
     out = capsys.readouterr().out
     assert f"report: {run_dir / 'report.html'}" in out
+
+
+def test_every_option_has_help_every_command_an_example_and_there_is_a_version(capsys):
+    from autoplan import __version__
+    from autoplan.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+        assert "example:" in sub.format_help() and f"autoplan {name}" in sub.format_help(), name
+    try:
+        main(["--version"])
+    except SystemExit as stop:
+        assert stop.code == 0
+    assert capsys.readouterr().out.strip() == f"autoplan {__version__}"
+
+
+def test_predict_names_what_it_skips_in_one_line(tmp_path, capsys):
+    from tests.test_inference import make_segmentation_run
+
+    model = make_segmentation_run(tmp_path, 2)
+    inputs = tmp_path / "in"
+    (inputs / "nested_study").mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20), dtype=np.uint8)).save(inputs / "a.png")
+    (inputs / "notes.txt").write_text("x")
+    (inputs / "scan.dcm.bak").write_text("x")
+    assert main(["predict", "--model", str(model), "--input", str(inputs), "--output", str(tmp_path / "o"),
+                 "--no-tta"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    assert len(notes) == 1 and "3 entries" in notes[0]
+    assert "nested_study/" in notes[0] and "notes.txt" in notes[0] and "scan.dcm.bak" in notes[0]
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_case(tmp_path, capsys, monkeypatch):
+    """A read-only output folder: every case was computed, then each failed, blaming the input."""
+    import autoplan.inference as inference
+    from tests.test_inference import make_segmentation_run
+
+    model = make_segmentation_run(tmp_path, 2)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20), dtype=np.uint8)).save(inputs / "a.png")
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(inference.os, "access", lambda path, mode: False)   # as a non-root user would see it
+    computed = []
+    monkeypatch.setattr(inference, "predict_case_probabilities", lambda *a, **k: computed.append(a))
+    assert main(["predict", "--model", str(model), "--input", str(inputs), "--output",
+                 str(tmp_path / "locked" / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be written" in err[0] and "locked" in err[0]
+    assert computed == []
+
+
+def test_fingerprint_says_where_it_wrote_and_evaluate_takes_n_jobs(tmp_path, capsys, monkeypatch):
+    import autoplan.inference as inference
+
+    folders = _small_png_dataset(tmp_path)
+    capsys.readouterr()
+    assert main(["fingerprint", "Small", "--raw", folders[1], "--results", folders[-1]]) == 0
+    assert f"wrote {tmp_path / 'results' / 'Small' / 'fingerprint.json'}" in capsys.readouterr().out
+    seen = {}
+    monkeypatch.setattr(inference, "evaluate_dataset", lambda *a, **k: seen.update(k) or {})
+    main(["evaluate", "--model", str(tmp_path), "--dataset", "Small", "--raw", folders[1], "--n-jobs", "1"])
+    assert seen.get("n_jobs") == 1

@@ -555,3 +555,25 @@ def test_4d_volumes_are_split_into_channel_files(tmp_path, folders):
     assert second.array.shape == (1, 6, 8, 10)
     fingerprint = fingerprint_dataset(dataset, folders.results, n_jobs=1)
     assert len(fingerprint.channels) == 2
+
+
+def test_csv_with_semicolons_is_read_and_a_latin1_csv_is_named(tmp_path):
+    """European Excel writes ';' and often latin-1: the first is read, the second named with the fix."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(4):
+        blob_png(images / f"p{index}.png", rgb=True, seed=index)
+    table = tmp_path / "labels.csv"
+    table.write_text("image_id;dx\np0;nv\np1;mel\np2;nv\np3;mel\n", encoding="utf-8")
+    dataset = quick(name="Semi", images_dir=images, raw_root=tmp_path / "raw", labels_csv=table)
+    assert sorted(dataset.classes) == ["mel", "nv"]
+    table.write_bytes("image_id;dx\np0;nævus\np1;mel\n".encode("latin-1"))
+    with pytest.raises(InputError, match="not UTF-8.*CSV UTF-8"):
+        quick(name="Latin", images_dir=images, raw_root=tmp_path / "raw", labels_csv=table)
+
+
+def test_two_images_of_one_name_for_one_mask_are_named_as_such(tmp_path):
+    images, masks = natural_segmentation(tmp_path / "src")
+    blob_png(images / "case0.jpg", seed=9)
+    with pytest.raises(InputError, match=r"2 images share the name 'case0' \(case0.jpg, case0.png\)"):
+        quick(name="Twice", images_dir=images, raw_root=tmp_path / "raw", masks_dir=masks)
