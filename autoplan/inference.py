@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
@@ -380,17 +379,9 @@ def read_case(files, n_channels: int | None = None):
 
 
 def _convert_natural_channels(image, n_channels: int):
-    """Grey from colour (PIL's "L": ITU-R 601 luma) or colour from grey, in place."""
-    pixels = image.array
-    if n_channels == 3:
-        converted = np.repeat(pixels, 3, axis=0)
-    elif pixels.dtype == np.uint8:
-        converted = np.asarray(Image.fromarray(np.moveaxis(pixels, 0, -1)).convert("L"))[None]
-    else:  # deeper colour than Pillow converts: the same weights
-        luma = np.tensordot(np.asarray([0.299, 0.587, 0.114]), pixels.astype(np.float64), axes=1)
-        converted = np.round(luma).astype(pixels.dtype)[None]
+    """The image converted in place (``preprocessing.convert_channels``), the count read kept."""
     image.meta["original_channels"] = image.n_channels
-    image.array = np.ascontiguousarray(converted)
+    image.array = np.ascontiguousarray(preprocessing.convert_channels(image.array, n_channels))
     return image
 
 

@@ -1204,7 +1204,9 @@ def plan_field_of_view(fingerprint, mode: str = "auto") -> tuple[dict, str]:
 
 def field_of_view_spacings(fingerprint, working_size) -> list:
     """Per case the virtual pixel size that fits the image into ``working_size`` (aspect kept)."""
-    return [[min(w / n for w, n in zip(working_size, shape))] * len(shape) for shape in fingerprint.shapes]
+    from autoplan.preprocessing import fit_scale
+
+    return [[fit_scale(shape, working_size)] * len(shape) for shape in fingerprint.shapes]
 
 
 def plan_segmentation(name, dataset, fingerprint, device, budget_gb, budget_minutes, assumed_budget,

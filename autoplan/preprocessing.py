@@ -139,11 +139,15 @@ def working_spacing(spatial_shape, spacing, configuration) -> list:
     fov = field_of_view(configuration)
     if fov.get("mode") != "fit":
         return [float(s) for s in spacing]
-    working = [float(w) for w in fov["working_size"]]
-    in_plane = [int(n) for n in spatial_shape[-len(working):]]
+    working = fov["working_size"]
     target = [float(t) for t in configuration.spacing[-len(working):]]
-    scale = min(w / n for w, n in zip(working, in_plane))
+    scale = fit_scale(spatial_shape[-len(working):], working)
     return [float(s) for s in spacing[:len(spacing) - len(working)]] + [scale * t for t in target]
+
+
+def fit_scale(shape, working_size) -> float:
+    """The zoom that fits an image of ``shape`` whole into ``working_size``, aspect kept."""
+    return min(float(w) / int(n) for w, n in zip(working_size, shape))
 
 
 def target_spacing_for(spacing, configuration) -> list:
@@ -489,16 +493,26 @@ def load_classification_image(image, configuration) -> np.ndarray:
     pixels = np.asarray(image.array)
     if pixels.ndim != 3:
         raise InputError(image.path, f"expected a 2D image, got {pixels.ndim - 1}D")
-    pixels = _to_uint8(pixels)
-    if pixels.shape[0] == 1 and channels == 3:
-        pixels = np.repeat(pixels, 3, axis=0)
-    elif pixels.shape[0] == 3 and channels == 1:
-        grey = np.asarray(Image.fromarray(np.moveaxis(pixels, 0, -1)).convert("L"))
-        pixels = grey[None]
+    pixels = convert_channels(_to_uint8(pixels), channels)
     if pixels.shape[0] != channels:
         raise InputError(image.path, f"image has {pixels.shape[0]} channels; the plan expects {channels}")
     resized = [np.asarray(Image.fromarray(c).resize((width, height), Image.BILINEAR)) for c in pixels]
     return np.stack(resized, axis=-1)
+
+
+def convert_channels(pixels, n_channels: int):
+    """Channel-first pixels as ``n_channels``: grey repeated to RGB, or RGB to grey (PIL's "L",
+    ITU-R 601 luma; the same weights for deeper than 8 bits). Other counts are returned as
+    they are (the caller refuses them)."""
+    pixels = np.asarray(pixels)
+    if pixels.shape[0] == 1 and n_channels == 3:
+        return np.repeat(pixels, 3, axis=0)
+    if pixels.shape[0] != 3 or n_channels != 1:
+        return pixels
+    if pixels.dtype == np.uint8:
+        return np.asarray(Image.fromarray(np.moveaxis(pixels, 0, -1)).convert("L"))[None]
+    luma = np.tensordot(np.asarray([0.299, 0.587, 0.114]), pixels.astype(np.float64), axes=1)
+    return np.round(luma).astype(pixels.dtype)[None]
 
 
 def _to_uint8(pixels):

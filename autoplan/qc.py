@@ -292,14 +292,10 @@ def _colour_reasons(image, reference) -> list:
 
 def _comparable_channels(array, n_channels: int):
     """The image's channels as the model gets them (grey from colour, colour from grey), or None."""
-    if array.shape[0] == n_channels:
-        return array
-    if array.shape[0] == 3 and n_channels == 1:
-        luminance = np.tensordot(np.asarray([0.299, 0.587, 0.114]), array.astype(np.float64), axes=1)
-        return luminance[None]
-    if array.shape[0] == 1 and n_channels == 3:
-        return np.repeat(array, 3, axis=0)
-    return None
+    from autoplan.preprocessing import convert_channels
+
+    converted = convert_channels(array, n_channels)
+    return converted if converted.shape[0] == n_channels else None
 
 
 def _brightness_reasons(name, p99_5, training_low, training_high) -> list:
