@@ -36,7 +36,8 @@ from autoplan.fingerprint import NATURAL_FORMATS
 from autoplan.jsonio import atomic_write_bytes, atomic_write_text, write_json
 from autoplan.nets import autocast
 from autoplan.qc import QC_COLUMNS, check_case, check_prediction, qc_cells, qc_csv, run_reference
-from autoplan.runs import RunSpec, fold_dirs, load_trained
+from autoplan.paths import fold_folders
+from autoplan.runs import RunSpec, load_trained
 
 # Natural-image inputs whose own format cannot hold a label map exactly get PNG masks.
 _LOSSY_ENDINGS = {".jpg": ".png", ".jpeg": ".png"}
@@ -309,7 +310,7 @@ class Ensemble:
 
 def load_ensemble(model_dir, device="cpu") -> Ensemble:
     """Every fold of ``model_dir`` (a fold_K folder or its parent), checked to agree."""
-    folds = fold_dirs(model_dir)
+    folds = fold_folders(model_dir)
     specs, networks = [], []
     for fold in folds:
         spec, network = load_trained(fold, device=device)

@@ -29,6 +29,7 @@ from matplotlib.ticker import MaxNLocator
 
 from autoplan.errors import InputError
 from autoplan.jsonio import atomic_write_bytes, atomic_write_text, read_json
+from autoplan.paths import fold_folders
 
 DPI = 90
 LABEL_COLORS = [(0.95, 0.25, 0.2), (0.2, 0.85, 0.3), (0.25, 0.5, 1.0), (1.0, 0.85, 0.1),
@@ -649,24 +650,6 @@ class RunSummary:
     folds: list
     options: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
-
-
-def _fold_number(path: Path):
-    suffix = path.name.split("_", 1)[-1]
-    return (0, int(suffix), "") if suffix.isdigit() else (1, 0, suffix)
-
-
-def fold_folders(run_dir) -> list:
-    """[run_dir] for a fold folder, else every ``fold_*`` folder with a plan.json inside it."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise InputError(run_dir, "no such run folder")
-    if (run_dir / "plan.json").is_file():
-        return [run_dir]
-    folds = sorted((p for p in run_dir.glob("fold_*") if (p / "plan.json").is_file()), key=_fold_number)
-    if not folds:
-        raise InputError(run_dir, "not a run folder: no plan.json and no fold_* folder with one")
-    return folds
 
 
 def _effective_options(plan: dict) -> dict:

@@ -106,17 +106,6 @@ def build_optimizer(name: str, params, lr: float, task_type: str) -> torch.optim
     raise ValueError(f"unknown optimizer {name!r} (sgd, adam, adamw)")
 
 
-def fold_dirs(model_dir) -> list:
-    """A fold_K folder itself, or every fold_K folder inside its parent (an ensemble)."""
-    model_dir = Path(model_dir)
-    if (model_dir / "plan.json").is_file():
-        return [model_dir]
-    folds = sorted(p for p in model_dir.glob("fold_*") if (p / "plan.json").is_file())
-    if not folds:
-        raise InputError(model_dir, "not a run folder (no plan.json, no fold_K folders with one)")
-    return folds
-
-
 def best_checkpoint(fold_dir) -> Path:
     for name in ("checkpoint_best.pt", "checkpoint_final.pt"):
         if (Path(fold_dir) / name).is_file():

@@ -209,7 +209,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
-    from autoplan.runs import RunSpec, fold_dirs
+    from autoplan.paths import fold_folders
+    from autoplan.runs import RunSpec
 
     torch.set_num_threads(args.threads)
     sources = {3: ("hippocampus", sorted((args.datasets / "hippocampus" / "imagesTr").glob("*.nii.gz"))),
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
         return 1
     given = {}
     for model in args.model:
-        given[RunSpec.load(fold_dirs(model)[0] / "plan.json").configuration.dim] = model
+        given[RunSpec.load(fold_folders(model)[0] / "plan.json").configuration.dim] = model
     rows = []
     with tempfile.TemporaryDirectory(prefix="autoplan_predict_bench_") as tmp:
         work = Path(tmp)
@@ -238,7 +239,7 @@ def main(argv=None) -> int:
                              **time_ours(model, inputs, work, tta, args.threads)})
         hippocampus = sources[3][1][: args.cases]
         if hippocampus:
-            spec = RunSpec.load(fold_dirs(given.get(3) or work / "planned_3d" / "fold_0")[0] / "plan.json")
+            spec = RunSpec.load(fold_folders(given.get(3) or work / "planned_3d" / "fold_0")[0] / "plan.json")
             outcome = time_nnunet(args, hippocampus, work, spec.configuration.network)
             if isinstance(outcome, str):
                 print(f"nnU-Net side not run: {outcome}")
