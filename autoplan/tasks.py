@@ -201,11 +201,10 @@ class ClassificationTask(_Task):
     def train_loader(self, seed):
         from autoplan.loading import ClassificationLoader
 
-        balanced = (self.configuration.imbalance or {}).get("strategy") == "balanced_sampling"
         return ClassificationLoader(self.images, self.labels, self.train_indices, self.configuration,
                                     augment=self.configuration.augment,
                                     batch_size=self.configuration.batch_size,
-                                    balanced_sampling=balanced, n_workers=self.n_workers, seed=seed)
+                                    n_workers=self.n_workers, seed=seed)
 
     def val_loader(self, seed):
         """The per-epoch check: a fixed class-capped subset of the fold (final validation uses all)."""
