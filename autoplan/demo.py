@@ -14,6 +14,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from autoplan import pipeline
+from autoplan.datasets import import_dataset
+from autoplan.paths import Folders, fingerprint_file
+from autoplan.runs import TrainOptions
+
 XRAY_SIZE = 128
 DERM_SIZE = 64
 DERM_CLASSES = ("blob", "ring", "speckle")
@@ -100,40 +105,56 @@ def write_demo_sources(folder: Path, n_xray=40, n_derm_per_class=40, seed=0) -> 
             "derm_labels": folder / "derm/labels.csv", "derm_new": folder / "derm_new"}
 
 
+def _show(*command) -> None:
+    """Print the command line that does the next step, so the demo teaches the commands."""
+    print(f"\n$ autoplan {' '.join(str(part) for part in command)}")
+
+
+def _import_demo_datasets(sources: dict, folders: Folders) -> dict:
+    _show("import", "DemoXRay", "--images", sources["xray_images"], "--masks", sources["xray_masks"],
+          "--label-map", "128=lung,255=heart", "--overwrite", "--raw", folders.raw)
+    xray = import_dataset("DemoXRay", sources["xray_images"], folders.raw, masks_dir=sources["xray_masks"],
+                          label_map="128=lung,255=heart", overwrite=True)
+    print(pipeline.describe_import(xray))
+    _show("import", "DemoDerm", "--images", sources["derm_images"], "--labels", sources["derm_labels"],
+          "--id-column", "image_id", "--label-column", "dx", "--group-column", "patient", "--overwrite",
+          "--raw", folders.raw)
+    derm = import_dataset("DemoDerm", sources["derm_images"], folders.raw, labels_csv=sources["derm_labels"],
+                          id_column="image_id", label_column="dx", group_column="patient", overwrite=True)
+    print(pipeline.describe_import(derm))
+    return {"xray": xray, "derm": derm}
+
+
+def _plan_and_train_demo(dataset, folders: Folders, time_budget_minutes: float) -> Path:
+    """plan-and-train with the demo's run name; returns the fold folder."""
+    _show("plan-and-train", dataset.name, "--time-budget", time_budget_minutes, "--run-name", "demo",
+          "--overwrite", "--raw", folders.raw, "--results", folders.results,
+          "--preprocessed", folders.preprocessed)
+    options = TrainOptions(time_budget_minutes=time_budget_minutes, run_name="demo", overwrite=True)
+    runs = pipeline.plan_and_train(dataset, folders, options)
+    print(pipeline.describe_runs(runs))
+    return Path(runs[0].run_dir)
+
+
 def run_demo(workdir: Path, time_budget_minutes: float = 1.0) -> dict:
     """Import → fingerprint → plan → preprocess → train → validate/report → predict, for both demos."""
-    from autoplan.cli import main
+    from autoplan.fingerprint import format_fingerprint_summary
+    from autoplan.inference import predict_folder
 
     workdir = Path(workdir).resolve()
     started = time.monotonic()
     sources = write_demo_sources(workdir / "sources")
-    folders = ["--raw", str(workdir / "raw"), "--results", str(workdir / "results")]
-    train_folders = folders + ["--preprocessed", str(workdir / "preprocessed")]
-    budget = ["--time-budget", str(time_budget_minutes)]
-    steps = [
-        ["import", "DemoXRay", "--images", str(sources["xray_images"]), "--masks", str(sources["xray_masks"]),
-         "--label-map", "128=lung,255=heart", "--overwrite", "--raw", str(workdir / "raw")],
-        ["import", "DemoDerm", "--images", str(sources["derm_images"]), "--labels", str(sources["derm_labels"]),
-         "--id-column", "image_id", "--label-column", "dx", "--group-column", "patient", "--overwrite",
-         "--raw", str(workdir / "raw")],
-        ["fingerprint", "DemoXRay", *folders],
-        ["plan-and-train", "DemoXRay", *budget, "--run-name", "demo", "--overwrite", *train_folders],
-        ["plan-and-train", "DemoDerm", *budget, "--run-name", "demo", "--overwrite", *train_folders],
-    ]
-    for step in steps:
-        print(f"\n$ autoplan {' '.join(step)}")
-        code = main(step)
-        if code:
-            raise SystemExit(code)
-    xray_run = workdir / "results/DemoXRay/2d/demo/fold_0"
-    derm_run = workdir / "results/DemoDerm/classifier/demo/fold_0"
+    folders = Folders(raw=workdir / "raw", preprocessed=workdir / "preprocessed", results=workdir / "results")
+    datasets = _import_demo_datasets(sources, folders)
+    _show("fingerprint", "DemoXRay", "--raw", folders.raw, "--results", folders.results)
+    print(format_fingerprint_summary(pipeline.fingerprint(datasets["xray"], folders)))
+    print(f"wrote {fingerprint_file(folders.results, 'DemoXRay')}")
+    xray_run = _plan_and_train_demo(datasets["xray"], folders, time_budget_minutes)
+    derm_run = _plan_and_train_demo(datasets["derm"], folders, time_budget_minutes)
     for model, new, out in ((xray_run, sources["xray_new"], workdir / "predictions/xray"),
                             (derm_run, sources["derm_new"], workdir / "predictions/derm")):
-        step = ["predict", "--model", str(model), "--input", str(new), "--output", str(out)]
-        print(f"\n$ autoplan {' '.join(step)}")
-        code = main(step)
-        if code:
-            raise SystemExit(code)
+        _show("predict", "--model", model, "--input", new, "--output", out)
+        print(pipeline.describe_prediction(predict_folder(model, new, out), out))
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s")
     print(f"reports: {xray_run / 'report.html'}\n         {derm_run / 'report.html'}")
     return {"xray_run": xray_run, "derm_run": derm_run, "workdir": workdir}

@@ -69,8 +69,3 @@ def parameter_checksums(network: torch.nn.Module) -> list:
     gathered = [torch.zeros(1, dtype=total.dtype) for _ in range(world_size())]
     dist.all_gather(gathered, total)
     return [g.item() for g in gathered]
-
-
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

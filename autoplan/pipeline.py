@@ -1,14 +1,25 @@
-"""The stages chained: what the CLI commands call (the CLI itself holds no logic)."""
+"""The stages chained: what the commands and the demo call.
+
+Each function takes a dataset and the folders and returns the stage's artifact. The CLI parses,
+calls one of these (or a stage's own entry function) and prints the summary lines at the end of
+this module; the demo calls the same functions and prints the same lines.
+"""
 
 import itertools
 from dataclasses import replace
 from pathlib import Path
 
+from autoplan.artifacts import Plan
 from autoplan.datasets import Dataset, load_dataset
 from autoplan.errors import InputError
-from autoplan.paths import Folders
-from autoplan.planning import Plan
+from autoplan.jsonio import atomic_write_text
+from autoplan.paths import Folders, plans_file
 from autoplan.runs import TrainOptions
+
+# Options `autoplan sweep` takes as comma-separated lists, and the type of one value. The names
+# are TrainOptions fields; the CLI derives its sweep flags from this table.
+SWEEPABLE = {"loss": str, "dropout": float, "base_features": int, "norm": str, "augment": str,
+             "optimizer": str, "lr": float, "batch_size": int, "label_smoothing": float}
 
 
 def open_dataset(name: str, folders: Folders) -> Dataset:
@@ -24,10 +35,6 @@ def fingerprint(dataset: Dataset, folders: Folders, force=False, n_jobs=None):
     return fingerprint_dataset(dataset, folders.results, force=force, n_jobs=n_jobs)
 
 
-def plans_path(dataset: Dataset, folders: Folders) -> Path:
-    return folders.dataset_results(dataset.name) / "plans.json"
-
-
 def plan(dataset: Dataset, folders: Folders, device=None, gpu_memory_gb=None,
          time_budget_minutes=None, base_features=None, n_jobs=None, field_of_view="auto") -> Plan:
     """Fingerprint (cached) then plan; writes RESULTS/NAME/plans.json.
@@ -41,12 +48,12 @@ def plan(dataset: Dataset, folders: Folders, device=None, gpu_memory_gb=None,
     result = plan_dataset(dataset, dataset_fingerprint, device=device, gpu_memory_gb=gpu_memory_gb,
                           time_budget_minutes=time_budget_minutes, base_features=base_features or 32,
                           results_dir=folders.results, field_of_view=field_of_view)
-    result.save(plans_path(dataset, folders))
+    result.save(plans_file(folders.results, dataset.name))
     return result
 
 
 def load_plan(dataset: Dataset, folders: Folders) -> Plan:
-    path = plans_path(dataset, folders)
+    path = plans_file(folders.results, dataset.name)
     if not path.is_file():
         raise InputError(path, f"no plans.json (run `autoplan plan {dataset.name}` first)")
     return Plan.load(path)
@@ -66,12 +73,20 @@ def plan_and_train(dataset: Dataset, folders: Folders, options: TrainOptions, de
     return train(dataset, folders, options, planned)
 
 
-SWEEPABLE = {"loss": str, "dropout": float, "base_features": int, "norm": str, "augment": str,
-             "optimizer": str, "lr": float, "batch_size": int, "label_smoothing": float}
+def compare(run_dirs: list, output: Path | None = None) -> str:
+    """The Markdown table of runs side by side; also written to ``output`` when given."""
+    from autoplan.report import compare_runs
+
+    table = compare_runs(run_dirs)
+    if output:
+        atomic_write_text(output, table)
+    return table
 
 
 def sweep_grid(values: dict) -> list:
-    """{'loss': 'ce,dice', 'dropout': '0,0.2'} -> every combination as a dict of typed values."""
+    """{'loss': 'ce,dice', 'dropout': '0,0.2'} -> every combination as a dict of typed values.
+
+    Options given as None are left out (they keep the TrainOptions value)."""
     axes = {name: [SWEEPABLE[name](v) for v in str(text).split(",") if v != ""]
             for name, text in values.items() if text is not None}
     names = list(axes)
@@ -79,18 +94,48 @@ def sweep_grid(values: dict) -> list:
 
 
 def sweep(dataset: Dataset, folders: Folders, options: TrainOptions, grid: list, output: Path | None = None):
-    """Train every combination (one preprocessing, shared), then the compare table and curves."""
-    from autoplan.report import compare_runs, plot_compare_curves
+    """Train every combination (one plan, one preprocessing), then compare.md and curves.png.
 
-    planned = load_plan(dataset, folders) if plans_path(dataset, folders).is_file() else plan(
+    Returns (the compare table, the folder it was written to: ``output`` or RESULTS/NAME/sweep)."""
+    from autoplan.report import plot_compare_curves
+
+    planned = load_plan(dataset, folders) if plans_file(folders.results, dataset.name).is_file() else plan(
         dataset, folders, time_budget_minutes=options.time_budget_minutes, n_jobs=options.n_jobs)
     run_dirs = []
     for combination in grid:
         runs = train(dataset, folders, replace(options, run_name=None, **combination), planned)
         run_dirs += [Path(run.run_dir) for run in runs]
-    table = compare_runs(run_dirs)
     output = Path(output) if output else folders.dataset_results(dataset.name) / "sweep"
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "compare.md").write_text(table)
+    table = compare(run_dirs, output / "compare.md")
     plot_compare_curves(run_dirs, output / "curves.png")
     return table, output
+
+
+# --------------------------------------------------------------------------------------
+# the lines the commands (and the demo) print about each stage's result
+
+def describe_import(dataset: Dataset) -> str:
+    kinds = f"classes {', '.join(dataset.classes)}" if dataset.classes else \
+        f"labels {', '.join(f'{v}={k}' for k, v in dataset.labels.items())}"
+    return f"imported {dataset.name}: {len(dataset.cases)} cases, {kinds} -> {dataset.root}"
+
+
+def describe_headline(headline: dict) -> str:
+    """``dice_lung 0.9712, dice_heart 0.9400``: the float metrics of a headline dict."""
+    return ", ".join(f"{k} {v:.4f}" for k, v in headline.items() if isinstance(v, float))
+
+
+def describe_runs(runs: list) -> str:
+    lines = []
+    for run in runs:
+        lines.append(f"{run.run_dir}: {run.epochs_completed} epochs ({run.stopped_by}), "
+                     f"{describe_headline(run.headline)}")
+        lines.append(f"  report: {Path(run.run_dir) / 'report.html'} (also report.md, metrics.json)")
+    return "\n".join(lines)
+
+
+def describe_prediction(summary: dict, output: Path) -> str:
+    line = f"predicted {summary.get('n_cases', '?')} cases -> {output}"
+    if summary.get("qc"):
+        line += f"; {summary['n_flagged']} of {summary['n_predicted']} cases flagged, see {summary['qc']}"
+    return line

@@ -5,9 +5,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+from conftest import write_png_pairs
 from PIL import Image
 
-from autoplan.cli import COMMANDS, main
+from autoplan.cli import COMMANDS, build_parser, main
+from autoplan.pipeline import SWEEPABLE
 
 EXPECTED = {"import", "fingerprint", "plan", "train", "plan-and-train", "predict", "evaluate", "compare",
             "sweep", "demo"}
@@ -22,13 +25,7 @@ def test_help_lists_every_command():
 
 
 def test_corrupt_file_exits_2_with_one_line_and_leaves_nothing(tmp_path, capsys):
-    images, masks = tmp_path / "images", tmp_path / "masks"
-    images.mkdir(), masks.mkdir()
-    for i in range(3):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32), dtype=np.uint8)).save(images / f"c{i}.png")
-        mask = np.zeros((32, 32), np.uint8)
-        mask[8:20, 8:20] = 255
-        Image.fromarray(mask).save(masks / f"c{i}.png")
+    images, masks = write_png_pairs(tmp_path, n=3)
     (images / "c1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     code = main(["import", "Broken", "--images", str(images), "--masks", str(masks), "--raw", str(tmp_path / "raw")])
     err = capsys.readouterr().err.strip().splitlines()
@@ -43,6 +40,7 @@ def test_missing_dataset_exits_2(tmp_path, capsys):
     assert code == 2 and "Nope" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     """`autoplan demo` with a short budget: reports, PNG masks of the inputs' sizes, predictions.csv."""
     from autoplan.demo import run_demo
@@ -61,13 +59,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
 
 def _small_png_dataset(tmp_path):
-    images, masks = tmp_path / "images", tmp_path / "masks"
-    images.mkdir(), masks.mkdir()
-    for i in range(6):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32), dtype=np.uint8)).save(images / f"c{i}.png")
-        mask = np.zeros((32, 32), np.uint8)
-        mask[8:20, 8 + i:20 + i] = 255
-        Image.fromarray(mask).save(masks / f"c{i}.png")
+    images, masks = write_png_pairs(tmp_path)
     raw, results = ["--raw", str(tmp_path / "raw")], ["--results", str(tmp_path / "results")]
     assert main(["import", "Small", "--images", str(images), "--masks", str(masks), *raw]) == 0
     assert main(["plan", "Small", "--device", "cpu", *raw, *results]) == 0   # analytic: no budget, no probe
@@ -128,7 +120,6 @@ def test_an_earlier_run_of_the_same_name_is_refused_or_replaced_whole(tmp_path, 
 
 def test_every_option_has_help_every_command_an_example_and_there_is_a_version(capsys):
     from autoplan import __version__
-    from autoplan.cli import build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
@@ -142,6 +133,26 @@ def test_every_option_has_help_every_command_an_example_and_there_is_a_version(c
     except SystemExit as stop:
         assert stop.code == 0
     assert capsys.readouterr().out.strip() == f"autoplan {__version__}"
+
+
+def _options(command: str) -> dict:
+    """{dest: action} of one command's options."""
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    return {action.dest: action for action in commands[command]._actions if action.option_strings}
+
+
+def test_sweep_flags_are_the_sweepable_train_options_as_lists():
+    """One definition (pipeline.SWEEPABLE): every sweepable option is a sweep flag taking text
+    (comma-separated) and a train flag of the same name; the other sweep options are train's."""
+    sweep, train = _options("sweep"), _options("train")
+    for name in SWEEPABLE:
+        assert sweep[name].option_strings == train[name].option_strings, name
+        assert sweep[name].type is None and sweep[name].default is None
+    for name in set(sweep) - set(SWEEPABLE) - {"output", "help"}:
+        assert name in train, name
+        assert sweep[name].type == train[name].type and sweep[name].default == train[name].default, name
+    args = build_parser().parse_args(["sweep", "X", "--loss", "ce,dice", "--batch-size", "2,4", "--seed", "3"])
+    assert (args.loss, args.batch_size, args.seed, args.fold) == ("ce,dice", "2,4", 3, "0")
 
 
 def test_predict_names_what_it_skips_in_one_line(tmp_path, capsys):
@@ -162,7 +173,7 @@ def test_predict_names_what_it_skips_in_one_line(tmp_path, capsys):
 
 def test_an_output_folder_that_cannot_be_written_is_refused_before_any_case(tmp_path, capsys, monkeypatch):
     """A read-only output folder: every case was computed, then each failed, blaming the input."""
-    import autoplan.inference as inference
+    import autoplan.inference.predict as inference
     from tests.test_inference import make_segmentation_run
 
     model = make_segmentation_run(tmp_path, 2)
