@@ -98,6 +98,7 @@ def test_unwritable_or_file_outputs_exit_2_with_one_line(tmp_path, capsys):
     assert len(err) == 1 and str(blocker) in err[0], err
 
 
+@pytest.mark.slow
 def test_an_earlier_run_of_the_same_name_is_refused_or_replaced_whole(tmp_path, capsys):
     """Re-running train with a used run name mixed two runs in one folder; now it needs
     --resume (continue) or --overwrite (replace the whole folder)."""
