@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 from autoplan import __version__, pipeline
+from autoplan.datasets import import_dataset
 from autoplan.errors import InputError
+from autoplan.fingerprint import format_fingerprint_summary
 from autoplan.paths import fingerprint_file, plans_file, resolve_folders
 from autoplan.runs import TrainOptions
 
@@ -204,20 +206,15 @@ def _train_options(args) -> TrainOptions:
 
 
 def run_import(args):
-    from autoplan.datasets import import_dataset, parse_label_map
-
-    dataset = import_dataset(
+    dataset = import_dataset(     # import_dataset reads the label map and class list as typed
         args.name, args.images, _folders(args).raw, masks_dir=args.masks, labels_csv=args.labels,
-        label_map=parse_label_map(args.label_map) if args.label_map else None,
-        id_column=args.id_column, label_column=args.label_column, group_column=args.group_column,
-        classes=args.classes.split(",") if args.classes else None, n_jobs=args.n_jobs,
+        label_map=args.label_map or None, id_column=args.id_column, label_column=args.label_column,
+        group_column=args.group_column, classes=args.classes or None, n_jobs=args.n_jobs,
         convert_grey=args.convert_grey, overwrite=args.overwrite)
     print(pipeline.describe_import(dataset))
 
 
 def run_fingerprint(args):
-    from autoplan.fingerprint import format_fingerprint_summary
-
     folders = _folders(args)
     result = pipeline.fingerprint(pipeline.open_dataset(args.name, folders), folders, force=args.force,
                                   n_jobs=args.n_jobs)

@@ -16,6 +16,8 @@ from PIL import Image
 
 from autoplan import pipeline
 from autoplan.datasets import import_dataset
+from autoplan.fingerprint import format_fingerprint_summary
+from autoplan.inference import predict_folder
 from autoplan.paths import Folders, fingerprint_file
 from autoplan.runs import TrainOptions
 
@@ -138,9 +140,6 @@ def _plan_and_train_demo(dataset, folders: Folders, time_budget_minutes: float) 
 
 def run_demo(workdir: Path, time_budget_minutes: float = 1.0) -> dict:
     """Import → fingerprint → plan → preprocess → train → validate/report → predict, for both demos."""
-    from autoplan.fingerprint import format_fingerprint_summary
-    from autoplan.inference import predict_folder
-
     workdir = Path(workdir).resolve()
     started = time.monotonic()
     sources = write_demo_sources(workdir / "sources")
