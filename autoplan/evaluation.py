@@ -5,6 +5,8 @@ Entry functions:
 - ``summarize_segmentation(per_case, labels)``: the contract's segmentation ``metrics.json`` dict.
 - ``segmentation_metrics(cases, labels, n_jobs)``: both of the above over many cases, in parallel.
 - ``classification_metrics(y_true, probabilities, classes, cases)``: the classification ``metrics.json`` dict.
+- ``headline_metrics(metrics)``: the numbers a reader looks at first (run.json, the CLI, compare).
+- ``select_sample_cases(metrics)``: the best, median and worst case the reports show.
 
 Conventions (also written into every metrics.json under ``conventions``):
 - Surface of a mask = mask XOR its binary erosion with a full-connectivity structuring
@@ -50,6 +52,19 @@ CONVENTIONS = (
 
 def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator) / float(denominator) if denominator > 0 else math.nan
+
+
+def nanmean(values) -> float:
+    """Mean of the defined values (None, NaN and inf skipped); NaN when none is defined."""
+    values = np.asarray([math.nan if v is None else v for v in values], dtype=float)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else math.nan
+
+
+def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """Dice of two boolean masks; NaN when both are empty (undefined, left out of means as nnU-Net)."""
+    overlap = int(np.logical_and(prediction, reference).sum())
+    return _ratio(2 * overlap, int(prediction.sum()) + int(reference.sum()))
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -133,12 +148,6 @@ def segmentation_case_metrics(prediction: np.ndarray, reference: np.ndarray, lab
             for label in label_ids}
 
 
-def _nanmean(values) -> float:
-    values = np.asarray([math.nan if v is None else v for v in values], dtype=float)
-    values = values[np.isfinite(values)]
-    return float(values.mean()) if values.size else math.nan
-
-
 def summarize_segmentation(per_case: list[dict], labels: dict, distance_unit: str = "mm") -> dict:
     """The segmentation metrics.json dict from per-case results ``[{"case", "per_label"}]``.
 
@@ -146,10 +155,10 @@ def summarize_segmentation(per_case: list[dict], labels: dict, distance_unit: st
     NaN-skipping mean over cases per label; ``foreground_mean`` the mean over labels of those.
     """
     labels = {str(k): v for k, v in labels.items() if str(k) != "0"}
-    mean = {label: {metric: _nanmean(case["per_label"].get(label, {}).get(metric) for case in per_case)
+    mean = {label: {metric: nanmean(case["per_label"].get(label, {}).get(metric) for case in per_case)
                     for metric in SEGMENTATION_METRICS}
             for label in labels}
-    foreground_mean = {metric: _nanmean(mean[label][metric] for label in labels)
+    foreground_mean = {metric: nanmean(mean[label][metric] for label in labels)
                        for metric in SEGMENTATION_METRICS}
     return {
         "task_type": "segmentation",
@@ -161,6 +170,21 @@ def summarize_segmentation(per_case: list[dict], labels: dict, distance_unit: st
         "distance_unit": distance_unit,
         "conventions": CONVENTIONS.format(unit=distance_unit),
     }
+
+
+def select_sample_cases(metrics: dict, n: int = 3) -> list:
+    """Case ids of the best, median and worst case by mean foreground Dice (up to ``n``).
+
+    From a segmentation metrics dict's ``per_case``; a case without any defined Dice ranks
+    last. The reports show these (validation and evaluate alike).
+    """
+    scored = [(entry["case"], nanmean(m.get("dice") for m in entry["per_label"].values()))
+              for entry in metrics.get("per_case", [])]
+    scored = sorted(((c, d if math.isfinite(d) else -1.0) for c, d in scored), key=lambda cd: -cd[1])
+    if not scored:
+        return []
+    picks = [scored[0][0], scored[len(scored) // 2][0], scored[-1][0]] + [c for c, _ in scored]
+    return list(dict.fromkeys(picks))[:n]
 
 
 def _case_entry(item: dict) -> dict:
@@ -252,3 +276,28 @@ def classification_metrics(y_true, probabilities, classes: list[str], cases: lis
              "probabilities": {name: float(probabilities[i, k]) for k, name in enumerate(classes)}}
             for i, (case, t, p) in enumerate(zip(cases, y_true, y_pred))]
     return result
+
+
+# ---------------------------------------------------------------- headline
+
+
+def _segmentation_headline(metrics: dict) -> dict:
+    labels = metrics.get("labels", {})
+    headline = {f"dice_{labels[label]}": values.get("dice") for label, values in (metrics.get("mean") or {}).items()}
+    headline.update({f"foreground_{name}": value for name, value in (metrics.get("foreground_mean") or {}).items()})
+    return headline
+
+
+def _classification_headline(metrics: dict) -> dict:
+    return {"accuracy": metrics.get("accuracy"), "balanced_accuracy": metrics.get("balanced_accuracy"),
+            "macro_f1": (metrics.get("macro_avg") or {}).get("f1"), "macro_auc": metrics.get("macro_auc")}
+
+
+_HEADLINES = {"segmentation": _segmentation_headline, "classification": _classification_headline}
+
+
+def headline_metrics(metrics: dict) -> dict:
+    """The numbers a reader looks at first, from a metrics.json dict: per-label Dice
+    (``dice_<name>``) and the foreground means (``foreground_<metric>``) of a segmentation;
+    accuracy, balanced accuracy, macro F1 and macro AUC of a classification."""
+    return _HEADLINES[metrics.get("task_type", "segmentation")](metrics)

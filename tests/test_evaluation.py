@@ -3,17 +3,15 @@
 import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from autoplan.evaluation import (classification_metrics, segmentation_case_metrics, segmentation_metrics,
-                                 summarize_segmentation)
+from autoplan.evaluation import (classification_metrics, dice, headline_metrics, segmentation_case_metrics,
+                                 segmentation_metrics, select_sample_cases, summarize_segmentation)
 from autoplan.jsonio import dumps
-
-DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+from conftest import shared_dataset
 
 
 def two_offset_squares():
@@ -144,11 +142,16 @@ def test_bounding_box_crop_gives_the_full_volume_result_and_is_fast():
     start = time.perf_counter()
     m = segmentation_case_metrics(pred, ref, [1, 2], spacing)
     seconds = time.perf_counter() - start
+    start = time.perf_counter()
     asd, hd95 = _distances_without_cropping(pred == 1, ref == 1, spacing)
+    uncropped_seconds = time.perf_counter() - start
     assert m["1"]["asd_mm"] == pytest.approx(asd)
     assert m["1"]["hd95_mm"] == pytest.approx(hd95)
     assert m["2"]["dice"] == 0 and math.isnan(m["2"]["hd95_mm"])
-    assert seconds < 1.0, f"{seconds:.2f} s for a 160^3 case: the bounding-box crop is not working"
+    # Two labels cropped took 1/20-1/30 of one label on the whole volume (2 cores): a ratio
+    # measured in one run, so a busy machine slows both sides alike.
+    assert seconds < uncropped_seconds / 5, (f"{seconds:.2f} s cropped vs {uncropped_seconds:.2f} s whole: "
+                                             "the bounding-box crop is not working")
 
 
 def test_channel_axis_and_shape_checks():
@@ -199,6 +202,39 @@ def test_segmentation_metrics_over_cases_matches_the_summary():
     summary = segmentation_metrics(cases, {"1": "square"}, n_jobs=1)
     assert [c["case"] for c in summary["per_case"]] == ["x", "y"]
     assert summary["mean"]["1"]["dice"] == pytest.approx((0.75 + 1) / 2)
+
+
+def test_dice_of_two_masks_and_of_two_empty_ones():
+    pred, ref = two_offset_squares()
+    assert dice(pred == 1, ref == 1) == pytest.approx(2 * 12 / 32)
+    assert dice(pred == 1, np.zeros_like(ref, bool)) == 0.0
+    assert math.isnan(dice(np.zeros_like(ref, bool), np.zeros_like(ref, bool)))
+
+
+def test_sample_cases_are_best_median_and_worst_by_mean_foreground_dice():
+    def entry(case, *dices):
+        return {"case": case, "per_label": {str(k + 1): {"dice": d} for k, d in enumerate(dices)}}
+
+    # mean Dice: a 0.5, b 0.9, c undefined (ranks last), d 0.2, e 0.7 -> b, e, a, d, c
+    metrics = {"per_case": [entry("a", 0.4, 0.6), entry("b", 0.9, None), entry("c", None, None),
+                            entry("d", 0.2, math.nan), entry("e", 0.7, 0.7)]}
+    assert select_sample_cases(metrics) == ["b", "a", "c"]      # best, the middle of five, worst
+    assert select_sample_cases(metrics, 5) == ["b", "a", "c", "e", "d"]
+    two = {"per_case": metrics["per_case"][:2]}
+    assert select_sample_cases(two) == ["b", "a"]
+    assert select_sample_cases({"per_case": []}) == []
+
+
+def test_headline_metrics_of_both_tasks():
+    pred, ref = two_offset_squares()
+    per_case = [{"case": "x", "per_label": segmentation_case_metrics(pred, ref, [1], (2.0, 0.5))}]
+    headline = headline_metrics(summarize_segmentation(per_case, {"1": "square"}))
+    assert headline["dice_square"] == pytest.approx(0.75) and headline["foreground_dice"] == pytest.approx(0.75)
+    assert headline["foreground_hd95_mm"] == pytest.approx(0.5)
+    # predictions a, b, b over truths a, b, a: accuracy 2/3, recalls 1/2 and 1
+    metrics = classification_metrics([0, 1, 0], [[0.9, 0.1], [0.2, 0.8], [0.4, 0.6]], ["a", "b"])
+    assert headline_metrics(metrics) == {"accuracy": pytest.approx(2 / 3), "balanced_accuracy": pytest.approx(0.75),
+                                         "macro_f1": metrics["macro_avg"]["f1"], "macro_auc": metrics["macro_auc"]}
 
 
 def test_classification_three_classes_by_hand():
@@ -257,11 +293,9 @@ def test_classification_auc_undefined_without_positives():
 
 @pytest.mark.realdata
 def test_hippocampus_case_takes_milliseconds():
-    labels = DATASETS / "hippocampus" / "labelsTr"
-    if not labels.is_dir():
-        pytest.skip(f"real data not found at {labels}")
     import SimpleITK as sitk
 
+    labels = shared_dataset("hippocampus") / "labelsTr"
     path = sorted(labels.glob("*.nii.gz"))[0]
     image = sitk.ReadImage(str(path))
     ref = sitk.GetArrayFromImage(image)
@@ -273,4 +307,5 @@ def test_hippocampus_case_takes_milliseconds():
     per_case = (time.perf_counter() - start) / 10
     assert 0.3 < m["1"]["dice"] < 1.0 and 0.3 < m["2"]["dice"] < 1.0
     assert 0 < m["1"]["asd_mm"] <= m["1"]["hd95_mm"] + 1e-9
-    assert per_case < 0.1, f"{per_case * 1000:.1f} ms per hippocampus case"
+    # about 10 ms on 2 cores; the bound leaves room for a machine busy with other work
+    assert per_case < 0.5, f"{per_case * 1000:.1f} ms per hippocampus case"

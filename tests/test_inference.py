@@ -5,6 +5,7 @@ geometry, file names, error handling, probabilities) does not depend on the weig
 """
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -14,21 +15,21 @@ import SimpleITK as sitk
 import torch
 from PIL import Image
 
+from autoplan.datasets import load_dataset
 from autoplan.errors import InputError
-from autoplan.inference import (
-    apply_postprocessing,
-    decide_postprocessing,
-    gaussian_importance_map,
-    group_input_cases,
-    predict_folder,
-    sliding_window_predict,
-    sliding_window_starts,
-)
+from autoplan.inference import evaluate_dataset, predict_folder
+from autoplan.inference.classification import decision_probabilities, pick_gradcam_indices
+from autoplan.inference.inputs import group_input_cases
+from autoplan.inference.segmentation import apply_postprocessing, decide_postprocessing
+from autoplan.inference.sliding_window import gaussian_importance_map, sliding_window_predict, sliding_window_starts
+from autoplan.io.images import ImageData
+from autoplan.jsonio import read_json
 from autoplan.planning import Configuration
 from autoplan.runs import RunSpec, TrainOptions, build_network
+from conftest import shared_dataset
 
-DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 LABELS = {"background": 0, "anterior": 1, "posterior": 2}
+CLASSES = ["akiec", "bcc", "nv"]
 
 torch.set_num_threads(1)
 
@@ -64,18 +65,52 @@ def make_segmentation_run(root: Path, dim: int, n_channels: int = 1, postprocess
     return _save_run(root / f"run{dim}d" / "fold_0", spec)
 
 
-def make_classification_run(root: Path, n_folds: int = 1, qc_reference=None) -> Path:
-    configuration = Configuration(
+def predict_constant_label(fold_dir: Path, channel: int) -> None:
+    """Make the run's untrained U-Net give output channel ``channel`` everywhere (a known prediction)."""
+    checkpoint = fold_dir / "checkpoint_best.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    state["model"]["heads.0.weight"].zero_()
+    state["model"]["heads.0.bias"].copy_(10.0 * torch.nn.functional.one_hot(torch.tensor(channel), len(LABELS)))
+    torch.save(state, checkpoint)
+
+
+def classifier_configuration() -> Configuration:
+    """A 3-class ResNet-18 of width 4 on 32 x 32 RGB images."""
+    return Configuration(
         name="classifier", dim=2, patch_size=[32, 32], batch_size=4, spacing=[],
         network={"arch": "resnet18", "width": 4}, normalization=[{"scheme": "rgb", "mean": 0.5, "std": 0.25}] * 3,
-        estimated_memory_gb=0.01, epochs=1, iterations_per_epoch=1, n_input_channels=3, n_outputs=3)
+        estimated_memory_gb=0.01, epochs=1, iterations_per_epoch=1, n_input_channels=3, n_outputs=len(CLASSES))
+
+
+def make_classification_run(root: Path, n_folds: int = 1, qc_reference=None) -> Path:
+    configuration = classifier_configuration()
     for fold in range(n_folds):
         spec = RunSpec(dataset="TaskDerm", task_type="classification", fold=fold, configuration=configuration,
-                       options=TrainOptions(), classes=["akiec", "bcc", "nv"],
+                       options=TrainOptions(), classes=list(CLASSES),
                        channel_names={"0": "R", "1": "G", "2": "B"}, file_ending=".png",
                        qc_reference=qc_reference.to_dict() if qc_reference is not None else {})
         _save_run(root / "runcls" / f"fold_{fold}", spec, seed=fold)
     return root / "runcls" if n_folds > 1 else root / "runcls" / "fold_0"
+
+
+def rgb_image(shape, seed=0) -> ImageData:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(40, 230, size=(3, *shape), dtype=np.uint8)
+    return ImageData(array=pixels, spacing=(1.0, 1.0), source_format="jpeg")
+
+
+def write_rgb_classification_dataset(root: Path) -> Path:
+    """Six 24 x 30 RGB images of the three classes, imported (dataset.json with the cases' classes)."""
+    (root / "imagesTr").mkdir(parents=True)
+    cases = []
+    for i, label in enumerate(["akiec", "bcc", "nv", "nv", "bcc", "akiec"]):
+        pixels = np.moveaxis(rgb_image((24, 30), seed=i).array, 0, -1)
+        Image.fromarray(pixels).save(root / "imagesTr" / f"img{i}_0000.png")
+        cases.append({"case": f"img{i}", "label": label})
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "R", "1": "G", "2": "B"}, "labels": {}, "numTraining": 6, "file_ending": ".png",
+        "task_type": "classification", "classes": list(CLASSES), "cases": cases}))
+    return root
 
 
 def _write_volume(path: Path, shape, spacing_xyz, origin, direction, seed=0):
@@ -232,8 +267,6 @@ def test_decide_postprocessing_only_where_it_helps():
 
 
 def test_decision_probabilities_take_back_part_of_the_class_weights():
-    from autoplan.inference import decision_probabilities
-
     probabilities = np.array([[0.45, 0.55], [0.9, 0.1]])
     weights = {"strategy": "weighted_loss", "class_weights": [0.5, 2.0]}
     # correction 1: the unweighted posterior, p / w renormalised; the near-tie flips to class 0
@@ -344,10 +377,9 @@ def test_wrong_channel_count_is_an_input_error(tmp_path):
     assert [p.name for p in out.iterdir()] == ["pair.nii.gz"]
 
 
+@pytest.mark.realdata
 def test_dicom_series_give_nifti_masks_with_the_series_geometry(tmp_path):
-    studies = DATASETS / "hippocampus_dicom"
-    if not studies.is_dir():
-        pytest.skip(f"real data not found at {studies}")
+    studies = shared_dataset("hippocampus_dicom")
     # Study folders hold one series folder each: the input folder links the series folders.
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -394,8 +426,7 @@ def test_classification_predictions_csv(tmp_path):
 
 
 def _write_segmentation_dataset(root: Path, n_cases: int = 4) -> Path:
-    import json
-
+    """Volumes of (8 + i) x 18 x 14 voxels; label 1 a 4 x 6 x 5 block, label 2 a 4 x 4 x 5 one beside it."""
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
     for i in range(n_cases):
@@ -415,10 +446,6 @@ def _write_segmentation_dataset(root: Path, n_cases: int = 4) -> Path:
 
 
 def test_evaluate_segmentation_dataset_writes_metrics_report_and_masks(tmp_path):
-    from autoplan.datasets import load_dataset
-    from autoplan.inference import evaluate_dataset
-    from autoplan.jsonio import read_json
-
     model = make_segmentation_run(tmp_path, 3)
     dataset = load_dataset(_write_segmentation_dataset(tmp_path / "raw" / "TaskToyTest"))
     metrics = evaluate_dataset(model, dataset, tta=False)
@@ -434,24 +461,39 @@ def test_evaluate_segmentation_dataset_writes_metrics_report_and_masks(tmp_path)
                               sitk.ReadImage(str(dataset.case(f"toy_{i:03d}").images[0])))
 
 
+def test_evaluate_writes_the_hand_computed_dice_into_metrics_json_and_the_report(tmp_path):
+    """A network that says "anterior" (label 1) everywhere: case i has N = (8 + i) * 18 * 14
+    voxels, 120 of them anterior in the reference, so Dice_1 = 2 * 120 / (N + 120), precision_1 =
+    120 / N, recall_1 = 1, and Dice_2 = 0 (posterior is never predicted)."""
+    model = make_segmentation_run(tmp_path, 3)
+    predict_constant_label(model, channel=1)
+    dataset = load_dataset(_write_segmentation_dataset(tmp_path / "raw" / "TaskToyTest"))
+    out = tmp_path / "eval"
+    evaluate_dataset(model, dataset, out, tta=False)
+
+    voxels = [(8 + i) * 18 * 14 for i in range(4)]
+    for i, n in enumerate(voxels):
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "predictions" / f"toy_{i:03d}.nii.gz")))
+        assert mask.size == n and (mask == 1).all()
+    metrics = read_json(out / "metrics.json")
+    dice_1 = [2 * 120 / (n + 120) for n in voxels]
+    for entry, expected in zip(metrics["per_case"], dice_1):
+        assert entry["per_label"]["1"]["dice"] == pytest.approx(expected)
+        assert entry["per_label"]["2"]["dice"] == 0.0
+    assert metrics["mean"]["1"]["dice"] == pytest.approx(np.mean(dice_1))
+    assert metrics["mean"]["1"]["precision"] == pytest.approx(np.mean([120 / n for n in voxels]))
+    assert metrics["mean"]["1"]["recall"] == pytest.approx(1.0)
+    assert metrics["foreground_mean"]["dice"] == pytest.approx(np.mean(dice_1) / 2)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")}
+    assert rows["1 anterior"][0] == f"{np.mean(dice_1):.4f}" and rows["2 posterior"][0] == "0.0000"
+    assert rows["foreground mean"][0] == f"{np.mean(dice_1) / 2:.4f}"
+    assert f"{np.mean(dice_1):.4f}" in (out / "report.html").read_text()
+
+
 def test_evaluate_classification_dataset(tmp_path):
-    import json
-
-    from autoplan.datasets import load_dataset
-    from autoplan.inference import evaluate_dataset
-    from autoplan.jsonio import read_json
-
     model = make_classification_run(tmp_path)
-    root = tmp_path / "raw" / "TaskDermTest"
-    (root / "imagesTr").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    cases = []
-    for i, label in enumerate(["akiec", "bcc", "nv", "nv", "bcc", "akiec"]):
-        Image.fromarray(rng.integers(0, 255, (24, 30, 3), dtype=np.uint8)).save(root / "imagesTr" / f"img{i}_0000.png")
-        cases.append({"case": f"img{i}", "label": label})
-    (root / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "R", "1": "G", "2": "B"}, "labels": {}, "numTraining": 6, "file_ending": ".png",
-        "task_type": "classification", "classes": ["akiec", "bcc", "nv"], "cases": cases}))
+    root = write_rgb_classification_dataset(tmp_path / "raw" / "TaskDermTest")
     out = tmp_path / "eval"
     metrics = evaluate_dataset(model, load_dataset(root), out)
     assert metrics["n_cases"] == 6 and read_json(out / "metrics.json")["classes"] == ["akiec", "bcc", "nv"]
@@ -461,12 +503,10 @@ def test_evaluate_classification_dataset(tmp_path):
 
 
 def test_gradcam_samples_pick_one_correct_and_one_wrong_per_class():
-    from autoplan.inference import _pick_gradcam_indices
-
     y_true = np.array([0, 0, 0, 1, 1, 2])
     y_pred = np.array([0, 1, 0, 1, 1, 0])
     confidence = np.array([0.6, 0.9, 0.8, 0.7, 0.5, 0.4])
-    picks = _pick_gradcam_indices(y_true, y_pred, confidence, 3)
+    picks = pick_gradcam_indices(y_true, y_pred, confidence, 3)
     assert picks == [2, 1, 3, 4, 5]  # class 0: best correct + the wrong; class 1: two correct; class 2: its wrong one
 
 

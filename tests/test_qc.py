@@ -13,19 +13,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 from PIL import Image
 
 from autoplan.cli import main
 from autoplan.datasets import load_dataset
 from autoplan.errors import InputError
 from autoplan.fingerprint import Fingerprint, fingerprint_dataset
-from autoplan.inference import predict_folder, read_case
+from autoplan.inference import predict_folder
+from autoplan.inference.inputs import read_case
 from autoplan.io import read_image
 from autoplan.io.images import ImageData
 from autoplan.qc import QcReference, check_case, check_prediction, qc_csv, qc_reference
 from conftest import shared_dataset
-from test_inference import _unet_configuration, _write_volume, make_classification_run, make_segmentation_run
+from test_inference import (_unet_configuration, _write_volume, classifier_configuration, make_classification_run,
+                            make_segmentation_run, predict_constant_label, rgb_image, write_rgb_classification_dataset)
 
 CONFIGURATION = _unet_configuration(2)            # a 1-channel 2D model working in mm (pixels)
 FIT = SimpleNamespace(name="2d", n_input_channels=1,  # the same resizing images to a working size
@@ -200,9 +201,9 @@ def test_ct_medians_beyond_500_hu_of_training_are_flagged(training):
 
 def test_classifiers_flag_aspect_ratios_beyond_the_training_range(tmp_path):
     reference = reference_of(write_rgb_classification_dataset(tmp_path / "raw" / "TaskDerm"),
-                             make_classifier_configuration())
+                             classifier_configuration())
     assert (reference.aspect_ratio_min, reference.aspect_ratio_max) == (1.25, 1.25)
-    configuration = make_classifier_configuration()
+    configuration = classifier_configuration()
     assert check_case(rgb_image((24, 40)), reference, configuration) == []
     assert check_case(rgb_image((24, 90)), reference, configuration) == [
         "aspect ratio (width/height) 3.75; training images 1.25..1.25: stretched to the input size more "
@@ -217,7 +218,7 @@ def test_a_grey_picture_saved_as_rgb_is_flagged_for_a_colour_model(tmp_path):
     for path in sorted((root / "imagesTr").glob("*.png")):
         pixels = np.asarray(Image.open(path)).astype(int)
         Image.fromarray(np.clip(pixels + np.moveaxis(tint, 0, -1), 0, 255).astype(np.uint8)).save(path)
-    configuration = make_classifier_configuration()
+    configuration = classifier_configuration()
     reference = reference_of(root, configuration)
     assert reference.colour_spread_p01 > 0.2
     photo = rgb_image((24, 30), seed=9)
@@ -269,7 +270,7 @@ def test_prediction_rules(training):
             fragments[row:row + 2, col:col + 3] = 1
     assert check_prediction(fragments, reference) == [
         "anterior (label 1) in 6 pieces; training cases had at most 1 (flagged above 4)"]
-    # Diagonal neighbours are one piece (full connectivity, as inference.largest_component).
+    # Diagonal neighbours are one piece (full connectivity, as inference.segmentation.largest_component).
     diagonal = good.copy()
     diagonal[10, 12] = diagonal[11, 13] = diagonal[12, 14] = diagonal[13, 15] = 1
     assert check_prediction(diagonal, reference) == []
@@ -286,20 +287,11 @@ def test_qc_csv_rows():
 # ----------------------------------------------------------------------------- predict
 
 
-def predict_background_only(fold_dir: Path) -> None:
-    """Make the run's untrained network predict background everywhere, so its masks are
-    plausible for a reference where each label is absent from some training cases."""
-    checkpoint = fold_dir / "checkpoint_best.pt"
-    state = torch.load(checkpoint, weights_only=False)
-    state["model"]["heads.0.weight"].zero_()
-    state["model"]["heads.0.bias"].copy_(torch.tensor([10.0, 0.0, 0.0]))
-    torch.save(state, checkpoint)
-
-
 def test_predict_writes_qc_csv_and_the_cli_counts_flagged_cases(tmp_path, capsys):
     reference = reference_of(write_png_dataset(tmp_path / "raw" / "TaskToy", label_1_everywhere=False))
     model = make_segmentation_run(tmp_path, 2, qc_reference=reference)
-    predict_background_only(model)
+    # background everywhere: plausible masks for a reference where each label is absent from some cases
+    predict_constant_label(model, channel=0)
     inputs = tmp_path / "in"
     inputs.mkdir()
     for seed in (20, 21):
@@ -338,37 +330,9 @@ def test_runs_without_a_reference_predict_as_before(tmp_path, capsys):
     assert capsys.readouterr().err.count("no quality reference") == 1
 
 
-def make_classifier_configuration():
-    from autoplan.planning import Configuration
-
-    return Configuration(
-        name="classifier", dim=2, patch_size=[32, 32], batch_size=4, spacing=[],
-        network={"arch": "resnet18", "width": 4}, normalization=[{"scheme": "rgb", "mean": 0.5, "std": 0.25}] * 3,
-        estimated_memory_gb=0.01, epochs=1, iterations_per_epoch=1, n_input_channels=3, n_outputs=3)
-
-
-def rgb_image(shape, seed=0) -> ImageData:
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(40, 230, size=(3, *shape), dtype=np.uint8)
-    return ImageData(array=pixels, spacing=(1.0, 1.0), source_format="jpeg")
-
-
-def write_rgb_classification_dataset(root: Path) -> Path:
-    (root / "imagesTr").mkdir(parents=True)
-    cases = []
-    for i, label in enumerate(["akiec", "bcc", "nv", "nv", "bcc", "akiec"]):
-        pixels = np.moveaxis(rgb_image((24, 30), seed=i).array, 0, -1)
-        Image.fromarray(pixels).save(root / "imagesTr" / f"img{i}_0000.png")
-        cases.append({"case": f"img{i}", "label": label})
-    (root / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "R", "1": "G", "2": "B"}, "labels": {}, "numTraining": 6, "file_ending": ".png",
-        "task_type": "classification", "classes": ["akiec", "bcc", "nv"], "cases": cases}))
-    return root
-
-
 def test_classification_flags_a_grey_image_in_predictions_csv(tmp_path):
     reference = reference_of(write_rgb_classification_dataset(tmp_path / "raw" / "TaskDerm"),
-                             make_classifier_configuration())
+                             classifier_configuration())
     model = make_classification_run(tmp_path, qc_reference=reference)
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -443,7 +407,7 @@ def test_chest_xrays_given_to_a_dermoscopy_classifier_are_flagged(tmp_path):
     (root / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "R", "1": "G", "2": "B"}, "file_ending": ".jpg", "task_type": "classification",
         "classes": ["any"], "cases": [{"case": p.stem, "label": "any"} for p in images[:30]]}))
-    configuration = make_classifier_configuration()
+    configuration = classifier_configuration()
     reference = reference_of(root, configuration)
     for path in images[30:]:
         assert check_case(read_image(path), reference, configuration) == [], path.name

@@ -12,11 +12,14 @@ import pytest
 from PIL import Image
 
 from autoplan.errors import InputError
-from autoplan.evaluation import classification_metrics, segmentation_case_metrics, summarize_segmentation
+from autoplan.evaluation import (classification_metrics, segmentation_case_metrics, select_sample_cases,
+                                 summarize_segmentation)
 from autoplan.jsonio import write_json
-from autoplan.report import (compare_runs, plot_compare_curves, plot_learning_curves, read_log,
-                             render_3d_figure, select_sample_cases, write_classification_report,
+from autoplan.report import (compare_runs, plot_compare_curves, plot_learning_curves, write_classification_report,
                              write_segmentation_report)
+from autoplan.report.classification import GradcamSample
+from autoplan.report.figures import read_log
+from autoplan.report.segmentation import render_3d_figure
 
 
 class _Images(HTMLParser):
@@ -193,15 +196,10 @@ def test_classification_report(tmp_path):
     metrics = classification_metrics(y_true, probabilities, classes, cases)
     write_log(tmp_path / "log.csv", [1.2, 0.9], [0.4, 0.6], metric="val_balanced_accuracy")
     predicted = probabilities.argmax(1)
-    gradcam = []
-    for i in [0, 1, 10, 16]:  # the brief's keys and the inference module's keys are both accepted
-        item = {"case": cases[i], "image": rng.integers(0, 255, (32, 32, 3), dtype=np.uint8),
-                "heatmap": rng.random((8, 8))}
-        if i % 2:
-            item.update(true_class=classes[y_true[i]], predicted_class=classes[predicted[i]])
-        else:
-            item.update(true=classes[y_true[i]], predicted=classes[predicted[i]])
-        gradcam.append(item)
+    gradcam = [GradcamSample(case=cases[i], true_class=classes[y_true[i]], predicted_class=classes[predicted[i]],
+                             probability=float(probabilities[i, predicted[i]]),
+                             image=rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), heatmap=rng.random((8, 8)))
+               for i in [0, 1, 10, 16]]
     report = write_classification_report(tmp_path, metrics, y_true, probabilities, classes,
                                          {"dataset": "TaskDerm", "options": {"loss": "ce"}}, gradcam,
                                          log_csv=tmp_path / "log.csv")

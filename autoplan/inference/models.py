@@ -1,0 +1,55 @@
+"""Trained networks for prediction: the folds of a run loaded as one ensemble, and the mode
+every prediction runs a network in."""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from autoplan.errors import InputError
+from autoplan.nets import autocast
+from autoplan.paths import fold_folders
+from autoplan.runs import RunSpec, load_trained
+
+
+@dataclass
+class Ensemble:
+    """The folds of a run loaded for prediction: one spec, one network per fold."""
+
+    spec: RunSpec
+    networks: list
+    fold_dirs: list
+
+
+def _can_ensemble(spec: RunSpec, first: RunSpec) -> bool:
+    return (spec.task_type == first.task_type and spec.configuration.name == first.configuration.name
+            and spec.configuration.patch_size == first.configuration.patch_size
+            and spec.labels == first.labels and spec.classes == first.classes)
+
+
+def load_ensemble(model_dir, device="cpu") -> Ensemble:
+    """Every fold of ``model_dir`` (a fold_K folder or its parent), checked to agree."""
+    folds = fold_folders(model_dir)
+    specs, networks = [], []
+    for fold in folds:
+        spec, network = load_trained(fold, device=device)
+        specs.append(spec)
+        networks.append(network)
+    for fold, spec in zip(folds[1:], specs[1:]):
+        if not _can_ensemble(spec, specs[0]):
+            raise InputError(fold, f"cannot be ensembled with {folds[0]}: different task, "
+                                   "configuration, patch size, labels or classes")
+    return Ensemble(spec=specs[0], networks=networks, fold_dirs=folds)
+
+
+@contextlib.contextmanager
+def predicting(network, device: torch.device):
+    """Eval mode without autograd, autocast as in training on CUDA (fp16) and fp32 on the CPU;
+    the network's training mode is restored afterwards (validation runs mid-training)."""
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.inference_mode(), autocast(device.type, "fp16" if device.type == "cuda" else "fp32"):
+            yield
+    finally:
+        network.train(was_training)
