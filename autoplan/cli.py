@@ -257,7 +257,7 @@ def run_predict(args):
 
 def run_evaluate(args):
     from autoplan.inference import evaluate_dataset
-    from autoplan.training import headline_metrics
+    from autoplan.evaluation import headline_metrics
 
     dataset = pipeline.open_dataset(args.dataset, _folders(args))
     metrics = evaluate_dataset(args.model, dataset, args.output, tta=not args.no_tta, device=args.device,
