@@ -45,9 +45,10 @@ def plan(dataset: Dataset, folders: Folders, device=None, gpu_memory_gb=None,
 
     device = device or ("cuda" if cuda_available() else "cpu")
     dataset_fingerprint = fingerprint(dataset, folders, n_jobs=n_jobs)
+    widths = {"base_features": base_features} if base_features else {}     # else the planner's default
     result = plan_dataset(dataset, dataset_fingerprint, device=device, gpu_memory_gb=gpu_memory_gb,
-                          time_budget_minutes=time_budget_minutes, base_features=base_features or 32,
-                          results_dir=folders.results, field_of_view=field_of_view)
+                          time_budget_minutes=time_budget_minutes, results_dir=folders.results,
+                          field_of_view=field_of_view, **widths)
     result.save(plans_file(folders.results, dataset.name))
     return result
 
