@@ -135,6 +135,16 @@ def test_the_import_graph_has_no_cycle_lazy_imports_included():
         _describe_cycle(graph, cycle) for cycle in cycles)
 
 
+def test_the_scanner_sees_lazy_relative_and_submodule_imports():
+    source = ("import os\nfrom autoplan.errors import InputError\n"
+              "def f():\n    from . import probe\n    from ..runs import RunSpec\n    import autoplan.nets.unet\n")
+    names = {name for _, name in _imported_names(ast.parse(source), "autoplan.planning.schedule", False)}
+    assert {"autoplan.errors", "autoplan.planning.probe", "autoplan.runs", "autoplan.nets.unet"} <= names
+    assert "os" not in names
+    graph = _import_graph()
+    assert "autoplan.cli" not in graph["autoplan.demo"]           # the demo calls the pipeline
+
+
 def test_the_cycle_finder_finds_a_cycle():
     graph = {"a": {"b": "a.py:1"}, "b": {"c": "b.py:1"}, "c": {"a": "c.py:1", "d": "c.py:2"}, "d": {}}
     assert _cycles(graph) == [["a", "b", "c", "a"]]
