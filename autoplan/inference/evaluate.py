@@ -58,8 +58,6 @@ def _segmentation_samples(metrics: dict, dataset, prediction_paths: dict) -> lis
 def _evaluate_segmentation(session: PredictionSession, dataset, output_dir: Path) -> dict:
     """Masks in ``predictions/`` and per-case metrics with each image's spacing."""
     spec = session.ensemble.spec
-    _check_segmentation_dataset(spec, dataset)
-    output_dir.mkdir(parents=True, exist_ok=True)
     label_ids = sorted(int(v) for v in spec.labels.values())
     foreground = [i for i in label_ids if i != 0]
     per_case, prediction_paths = [], {}
@@ -99,10 +97,7 @@ def _gradcam(session: PredictionSession, dataset, case_ids: list, y_true, probab
 
 def _evaluate_classification(session: PredictionSession, dataset, output_dir: Path) -> dict:
     """Class probabilities of every case, predictions.csv and Grad-CAM of the first fold's network."""
-    spec = session.ensemble.spec
-    _check_classification_dataset(spec, dataset)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    classes = list(spec.classes)
+    classes = list(session.ensemble.spec.classes)
     cases = [InputCase(c.id, list(c.images)) for c in dataset.cases]
     rows = list(classify_cases(session, cases, f"evaluate {dataset.name}"))
     if session.failures:
@@ -120,7 +115,9 @@ def _evaluate_classification(session: PredictionSession, dataset, output_dir: Pa
     return metrics
 
 
-_EVALUATE_BY_TASK = {"segmentation": _evaluate_segmentation, "classification": _evaluate_classification}
+# per task: (is the dataset one the model can be scored on, score it)
+_EVALUATE_BY_TASK = {"segmentation": (_check_segmentation_dataset, _evaluate_segmentation),
+                     "classification": (_check_classification_dataset, _evaluate_classification)}
 
 
 def evaluate_dataset(model_dir, dataset, output_dir=None, tta: bool = True, device="cpu",
@@ -140,4 +137,7 @@ def evaluate_dataset(model_dir, dataset, output_dir=None, tta: bool = True, devi
             raise InputError(dataset.root, f"is a {dataset.task_type} dataset; the model does {spec.task_type}")
         if not dataset.cases:
             raise InputError(dataset.root, "holds no cases")
-        return _EVALUATE_BY_TASK[spec.task_type](PredictionSession(ensemble, tta, device), dataset, output_dir)
+        check, evaluate = _EVALUATE_BY_TASK[spec.task_type]
+        check(spec, dataset)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        return evaluate(PredictionSession(ensemble, tta, device), dataset, output_dir)
