@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from autoplan.errors import InputError
-from autoplan.fingerprint import NATURAL_FORMATS
+
 from autoplan.io.images import (
     NATURAL_EXTENSIONS,
+    NATURAL_FORMATS,
     ImageData,
     file_ending,
     is_dicom_folder,

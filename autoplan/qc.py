@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from autoplan.fingerprint import (
-    NATURAL_FORMATS,
     format_number,
     format_shape,
     full_component_count,
     intensity_percentiles,
 )
+from autoplan.io import NATURAL_FORMATS
 from autoplan.jsonio import JsonDataclass
 
 # A model that resizes every image to its working size (field_of_view "fit", classifiers)

@@ -4,26 +4,27 @@ import csv
 import json
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from autoplan import fingerprint as fingerprint_module
+from conftest import shared_dataset
+
 from autoplan.datasets import load_dataset
 from autoplan.errors import InputError
-from autoplan.fingerprint import Fingerprint, fingerprint_dataset, format_fingerprint_summary
-
-DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
-
-
-def shared(name: str) -> Path:
-    path = DATASETS / name
-    if not path.is_dir():
-        pytest.skip(f"real dataset {name!r} not found at {path} (see ../shared/datasets/README.md)")
-    return path
+from autoplan.fingerprint import (
+    ANALYSERS,
+    Fingerprint,
+    LabelStats,
+    fingerprint_dataset,
+    format_fingerprint_summary,
+    full_component_count,
+    intensity_percentiles,
+)
+from autoplan.fingerprint.segmentation import component_sizes
+from autoplan.paths import fingerprint_file
 
 
 def write_volume(array, path, spacing_zyx):
@@ -121,11 +122,11 @@ def test_synthetic_values_by_hand(synthetic, tmp_path):
 
 def test_json_round_trip(synthetic, tmp_path):
     fp = fingerprint_dataset(synthetic, tmp_path / "results", n_jobs=1)
-    path = tmp_path / "results" / "Synthetic" / "fingerprint.json"
+    path = fingerprint_file(tmp_path / "results", "Synthetic")
     assert Fingerprint.load(path) == fp
     fp.save(tmp_path / "copy.json")
     assert Fingerprint.load(tmp_path / "copy.json") == fp
-    assert isinstance(Fingerprint.load(path).labels["1"], fingerprint_module.LabelStats)
+    assert isinstance(Fingerprint.load(path).labels["1"], LabelStats)
 
 
 def test_cache_hit_and_miss(synthetic, tmp_path, monkeypatch):
@@ -133,9 +134,8 @@ def test_cache_hit_and_miss(synthetic, tmp_path, monkeypatch):
     first = fingerprint_dataset(synthetic, results, n_jobs=1)
 
     calls = []
-    real = fingerprint_module._fingerprint_segmentation
-    monkeypatch.setattr(fingerprint_module, "_fingerprint_segmentation",
-                        lambda *args: calls.append(1) or real(*args))
+    real = ANALYSERS["segmentation"]
+    monkeypatch.setitem(ANALYSERS, "segmentation", lambda *args: calls.append(1) or real(*args))
     assert fingerprint_dataset(synthetic, results, n_jobs=1) == first
     assert calls == []                                    # unchanged files: cached
     fingerprint_dataset(synthetic, results, force=True, n_jobs=1)
@@ -176,7 +176,7 @@ def test_unlabelled_dataset(synthetic, tmp_path):
     assert fp.per_case_label_fractions == [None, None] and fp.per_case_label_components == [None, None]
     assert fp.labels["1"].case_fraction == 0
     assert fp.notes[0].startswith("2 of 2 cases have no mask")
-    assert Fingerprint.load(tmp_path / "results" / "Synthetic" / "fingerprint.json") == fp
+    assert Fingerprint.load(fingerprint_file(tmp_path / "results", "Synthetic")) == fp
     assert "no foreground voxels" in format_fingerprint_summary(fp)
 
 
@@ -186,19 +186,19 @@ def test_intensity_percentiles_agree_with_numpy(dtype, low, high):
     """Histogram counting (integers over a small range) and sorting give np.percentile's values."""
     values = np.random.default_rng(0).integers(low, high, size=(2, 37, 41)).astype(dtype)
     expected = np.percentile(values.reshape(2, -1).astype(np.float64), [0.5, 50, 99.5], axis=1).T
-    np.testing.assert_allclose(fingerprint_module.intensity_percentiles(values), expected, rtol=1e-12)
+    np.testing.assert_allclose(intensity_percentiles(values), expected, rtol=1e-12)
 
 
 def test_full_component_count_joins_diagonal_neighbours():
     mask = np.zeros((5, 5), bool)
     mask[0, 0] = mask[1, 1] = mask[4, 4] = True
-    assert fingerprint_module.full_component_count(mask) == 2
-    assert fingerprint_module._component_sizes(mask) == [1, 1, 1]  # face connectivity: three
+    assert full_component_count(mask) == 2
+    assert component_sizes(mask) == [1, 1, 1]  # face connectivity: three
 
 
 def test_older_fingerprints_load_without_the_per_case_fields(synthetic, tmp_path):
     fp = fingerprint_dataset(synthetic, tmp_path / "results", n_jobs=1)
-    path = tmp_path / "results" / "Synthetic" / "fingerprint.json"
+    path = fingerprint_file(tmp_path / "results", "Synthetic")
     stored = json.loads(path.read_text())
     for name in ("source_formats", "per_case_intensity_percentiles", "per_case_label_fractions",
                  "per_case_label_components"):
@@ -238,8 +238,9 @@ def nnunet_style_stats(cases, samples_per_case):
             "p005": np.percentile(pooled, 0.5), "p995": np.percentile(pooled, 99.5)}
 
 
+@pytest.mark.realdata
 def test_hippocampus_subset(tmp_path):
-    source = shared("hippocampus")
+    source = shared_dataset("hippocampus")
     root = tmp_path / "Hippo"
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
@@ -274,8 +275,9 @@ def test_hippocampus_subset(tmp_path):
     assert stats.percentile_99_5 == pytest.approx(reference["p995"], rel=0.02)
 
 
+@pytest.mark.realdata
 def test_jsrt_subset(tmp_path):
-    source = shared("jsrt_lungs")
+    source = shared_dataset("jsrt_lungs")
     root = tmp_path / "XRay"
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
@@ -301,8 +303,9 @@ def test_jsrt_subset(tmp_path):
     assert "2D, 20 cases" in format_fingerprint_summary(fp)
 
 
+@pytest.mark.realdata
 def test_ham10000_classification_subset(tmp_path):
-    source = shared("ham10000")
+    source = shared_dataset("ham10000")
     root = tmp_path / "Derm"
     (root / "imagesTr").mkdir(parents=True)
     with open(source / "HAM10000_metadata.csv", newline="") as handle:
@@ -351,5 +354,5 @@ def test_ham10000_classification_subset(tmp_path):
                        for c in cases]).astype(np.float64) / 255
     assert fp.channel_mean == pytest.approx(pixels.mean(axis=(0, 1, 2)).tolist(), abs=1e-9)
     assert fp.channel_std == pytest.approx(pixels.std(axis=(0, 1, 2)).tolist(), abs=1e-6)
-    assert Fingerprint.load(tmp_path / "results" / "Derm" / "fingerprint.json") == fp
+    assert Fingerprint.load(fingerprint_file(tmp_path / "results", "Derm")) == fp
     assert "identical images: " in format_fingerprint_summary(fp)

@@ -10,8 +10,7 @@ import numpy as np
 
 from autoplan import preprocessing
 from autoplan.errors import InputError
-from autoplan.fingerprint import NATURAL_FORMATS
-from autoplan.io import file_ending, strip_ending
+from autoplan.io import NATURAL_FORMATS, file_ending, strip_ending
 
 # Natural-image inputs whose own format cannot hold a label map exactly get PNG masks.
 _LOSSY_ENDINGS = {".jpg": ".png", ".jpeg": ".png"}

@@ -24,6 +24,8 @@ IMAGE_EXTENSIONS = NATURAL_EXTENSIONS + VOLUME_EXTENSIONS
 
 _NATURAL_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff",
                     ".tiff": "tiff", ".bmp": "bmp"}
+# Formats that store no physical spacing (spacing 1 is used: sizes in mm are sizes in pixels).
+NATURAL_FORMATS = tuple(dict.fromkeys(_NATURAL_FORMATS.values()))
 _VOLUME_FORMATS = {".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd", ".mha": "mha",
                    ".mhd": "mhd", ".dcm": "dicom"}
 _PIL_SAVE_FORMATS = {"png": "PNG", "tiff": "TIFF", "bmp": "BMP"}
