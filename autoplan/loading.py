@@ -191,7 +191,8 @@ class _PatchSampler(SlimDataLoaderBase):
         if self.infinite:
             indices = rng.integers(0, n_cases, self.batch_size)
         else:
-            indices = self._next_validation_indices()
+            start, stop = _next_ordered_batch(self, n_cases)
+            indices = list(range(start, stop))
         data, seg = [], []
         for slot, index in enumerate(indices):
             force_fg = slot >= round(len(indices) * (1 - self.oversample_foreground))
@@ -202,18 +203,6 @@ class _PatchSampler(SlimDataLoaderBase):
             data.append(patch_data)
             seg.append(patch_seg)
         return {"data": np.stack(data), "seg": np.stack(seg), "case_ids": [self.cases.case_ids[i] for i in indices]}
-
-    def _next_validation_indices(self):
-        """Every case once, in order; batch k is made by worker k % n_workers."""
-        n_workers = self.number_of_threads_in_multithreaded or 1
-        n_batches = int(np.ceil(len(self.cases.case_ids) / self.batch_size))
-        batch = self._next_batch * n_workers + self.thread_id
-        if batch >= n_batches:
-            self._next_batch = 0
-            raise StopIteration
-        self._next_batch += 1
-        start = batch * self.batch_size
-        return list(range(start, min(start + self.batch_size, len(self.cases.case_ids))))
 
     def _patch(self, index, force_fg, rng):
         data, seg = self.cases.arrays(index)
@@ -230,6 +219,21 @@ class _PatchSampler(SlimDataLoaderBase):
         corner = _window_lower_corner(data.shape[1:], self.sample_size, centre, rng)
         corner = [c + int(rng.integers(-m, m + 1)) if m else c for c, m in zip(corner, self.max_shift)]
         return _crop_padded(data, corner, self.sample_size), _crop_padded(seg, corner, self.sample_size)
+
+
+def _next_ordered_batch(sampler, n_items: int) -> tuple:
+    """(start, stop) of the sampler's next batch in a pass over ``n_items`` in order (validation):
+    batch k is made by worker k % n_workers; at the end StopIteration, and the next call starts
+    the next pass."""
+    n_workers = sampler.number_of_threads_in_multithreaded or 1
+    n_batches = int(np.ceil(n_items / sampler.batch_size))
+    batch = sampler._next_batch * n_workers + sampler.thread_id
+    if batch >= n_batches:
+        sampler._next_batch = 0
+        raise StopIteration
+    sampler._next_batch += 1
+    start = batch * sampler.batch_size
+    return start, min(start + sampler.batch_size, n_items)
 
 
 def _window_lower_corner(shape, size, centre, rng):
@@ -313,19 +317,16 @@ class _DropKeys:
 class _ImageSampler(SlimDataLoaderBase):
     """Produces {"images": uint8 (B, H, W, C), "target": int64 (B,), "seed": int}."""
 
-    def __init__(self, images, labels, indices, batch_size, balanced, seed, infinite):
+    def __init__(self, images, labels, indices, batch_size, seed, infinite):
         super().__init__(None, batch_size, None)
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.indices = np.asarray(indices, dtype=np.int64)
-        self.balanced = balanced
         self.seed = int(seed)
         self.infinite = infinite
         self._rng = None
         self._next_batch = 0
         self._parent_pid = os.getpid()
-        present = self.labels[self.indices]
-        self.by_class = [self.indices[present == c] for c in np.unique(present)]
 
     def set_thread_id(self, thread_id):
         super().set_thread_id(thread_id)
@@ -343,10 +344,8 @@ class _ImageSampler(SlimDataLoaderBase):
             self._rng = np.random.default_rng([self.seed, self.thread_id])
         rng = self._rng
         if not self.infinite:
-            chosen = self._next_in_order()
-        elif self.balanced:
-            classes = rng.integers(0, len(self.by_class), self.batch_size)
-            chosen = np.array([self.by_class[c][rng.integers(len(self.by_class[c]))] for c in classes])
+            start, stop = _next_ordered_batch(self, len(self.indices))
+            chosen = self.indices[start:stop]
         else:
             chosen = self.indices[rng.integers(0, len(self.indices), self.batch_size)]
         # Sorted reads are kinder to a memory-mapped file; order within a batch is irrelevant.
@@ -354,16 +353,6 @@ class _ImageSampler(SlimDataLoaderBase):
         chosen = chosen[order]
         return {"images": np.asarray(self._pixels()[chosen]), "target": self.labels[chosen],
                 "seed": int(rng.integers(2**31))}
-
-    def _next_in_order(self):
-        n_workers = self.number_of_threads_in_multithreaded or 1
-        n_batches = int(np.ceil(len(self.indices) / self.batch_size))
-        batch = self._next_batch * n_workers + self.thread_id
-        if batch >= n_batches:
-            self._next_batch = 0
-            raise StopIteration
-        self._next_batch += 1
-        return self.indices[batch * self.batch_size:(batch + 1) * self.batch_size]
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -386,17 +375,16 @@ class ClassificationLoader(_BatchStream):
     """Iterator of {"data": float32 (B, C, H, W) normalised, "target": int64 (B,)}.
 
     ``images`` is the preprocessed uint8 (N, H, W, C) array or the path of ``images.npy``
-    (memory-mapped). ``balanced_sampling`` draws each sample's class uniformly.
-    ``infinite=False`` yields ``indices`` once, in order, without augmentation.
+    (memory-mapped). ``infinite=False`` yields ``indices`` once, in order, without augmentation.
     """
 
     def __init__(self, images, labels, indices, configuration, augment="default", batch_size=None,
-                 balanced_sampling=False, n_workers=2, seed=0, infinite=True):
+                 n_workers=2, seed=0, infinite=True):
         if len(indices) == 0:
             raise ValueError("ClassificationLoader needs at least one index")
         self.batch_size = int(batch_size or configuration.batch_size)
         if isinstance(images, (str, Path)):
             images = Path(images)
-        sampler = _ImageSampler(images, labels, indices, self.batch_size, balanced_sampling, seed, infinite)
+        sampler = _ImageSampler(images, labels, indices, self.batch_size, seed, infinite)
         augmenter = classification_transforms(augment if infinite else "none", configuration.patch_size)
         self._start(sampler, _ClassificationBatchTransform(augmenter, configuration), n_workers, seed)

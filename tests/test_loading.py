@@ -165,13 +165,10 @@ def test_classification_loader(tmp_path):
     np.save(tmp_path / "images.npy", images)
     config = classifier_configuration()
     indices = np.arange(40)
-    with ClassificationLoader(images, labels, indices, config, augment="default", balanced_sampling=True,
-                              n_workers=0) as loader:
-        targets = np.concatenate([next(loader)["target"] for _ in range(30)])
+    with ClassificationLoader(images, labels, indices, config, augment="default", n_workers=0) as loader:
         batch = next(loader)
     assert batch["data"].shape == (8, 3, 24, 24) and batch["data"].dtype == np.float32
     assert batch["target"].dtype == np.int64
-    assert 0.35 < targets.mean() < 0.65  # balanced despite 10 % minority
 
     with ClassificationLoader(tmp_path / "images.npy", labels, indices[5:25], config, batch_size=8,
                               n_workers=2, infinite=False) as loader:
@@ -218,6 +215,7 @@ print("children", len(child_pids()))
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_workers(tmp_path):
     import subprocess
     import sys
