@@ -11,6 +11,7 @@ from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, Str
 
 from autoplan.datasets import Dataset
 from autoplan.jsonio import read_json, write_json
+from autoplan.paths import splits_file
 
 SPLIT_SEED = 12345
 
@@ -43,7 +44,7 @@ def make_splits(dataset: Dataset, n_folds: int = 5, seed: int = SPLIT_SEED) -> l
 
 def load_or_create_splits(dataset: Dataset, results_dir: Path) -> list:
     """The dataset's saved splits (RESULTS/NAME/splits.json), created on first use."""
-    path = Path(results_dir) / dataset.name / "splits.json"
+    path = splits_file(results_dir, dataset.name)
     known = {case.id for case in dataset.cases}
     if path.is_file():
         splits = read_json(path)

@@ -5,9 +5,11 @@ from collections import Counter
 
 import pytest
 
+from conftest import shared_dataset
+
 from autoplan.datasets import Case, Dataset
+from autoplan.paths import splits_file
 from autoplan.splits import load_or_create_splits, make_splits
-from tests.conftest import shared_dataset
 
 
 def _classification_dataset(rows):
@@ -36,10 +38,11 @@ def test_splits_are_deterministic_and_saved(tmp_path):
     dataset = _classification_dataset(rows)
     assert make_splits(dataset) == make_splits(dataset)
     first = load_or_create_splits(dataset, tmp_path)
-    assert (tmp_path / "T" / "splits.json").is_file()
+    assert splits_file(tmp_path, "T").is_file()
     assert load_or_create_splits(dataset, tmp_path) == first
 
 
+@pytest.mark.realdata
 def test_ham10000_lesions_never_cross_a_split():
     root = shared_dataset("ham10000")
     with open(root / "HAM10000_metadata.csv") as handle:
