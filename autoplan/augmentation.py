@@ -39,6 +39,8 @@ from batchgenerators.transforms.resample_transforms import SimulateLowResolution
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 from PIL import Image
 
+from autoplan.preprocessing.classification import LUMA_WEIGHTS
+
 PRESETS = ("default", "light", "none")
 ANISOTROPIC_PATCH_RATIO = 3.0
 ELONGATED_2D_PATCH_RATIO = 1.5
@@ -348,7 +350,7 @@ class ClassificationAugmenter:
         return np.clip(batch, 0.0, 1.0, out=batch)
 
 
-_GREY_WEIGHTS = np.array([0.299, 0.587, 0.114])
+_GREY_WEIGHTS = np.array(LUMA_WEIGHTS)
 
 
 def _grey(batch):
@@ -357,7 +359,7 @@ def _grey(batch):
     return (batch @ _GREY_WEIGHTS.astype(np.float32))[..., None]
 
 
-_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_RGB_TO_YIQ = np.array([LUMA_WEIGHTS, [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 
 
@@ -385,7 +387,7 @@ def classification_transforms(preset, input_size) -> ClassificationAugmenter:
     """
     if preset == "light":
         # Keras-like: mild crop and rotation, horizontal flip only, no colour change.
-        return ClassificationAugmenter("default", input_size, crop_scale=(0.8, 1.0), rotation_deg=10.0,
+        return ClassificationAugmenter("default", input_size, crop_scale=(0.8, 1.0), rotation_deg=LIGHT_ROTATION_DEG,
                                        brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,
                                        vertical_flip=False)
     return ClassificationAugmenter(preset, input_size)

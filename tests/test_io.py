@@ -8,6 +8,8 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
+from conftest import shared_dataset
+
 from autoplan.errors import InputError
 from autoplan.io import (
     file_ending,
@@ -18,18 +20,9 @@ from autoplan.io import (
     write_image,
 )
 
-DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
-DICOM_STUDIES = DATASETS / "hippocampus_dicom"
-
-
-def needs_dicom():
-    if not DICOM_STUDIES.is_dir():
-        pytest.skip(f"shared DICOM studies not found at {DICOM_STUDIES}")
-
-
 def dicom_series(study: str) -> Path:
-    needs_dicom()
-    return next((DICOM_STUDIES / study).glob("*_HCropVolume"))
+    """The series folder of one shared DICOM study (skips without the data)."""
+    return next((shared_dataset("hippocampus_dicom") / study).glob("*_HCropVolume"))
 
 
 def oblique_volume(dtype=np.int16, shape=(7, 9, 11)) -> sitk.Image:
@@ -272,10 +265,9 @@ def test_dicom_series_with_missing_slice(tmp_path):
     assert error.value.path == gappy
 
 
+@pytest.mark.realdata
 def test_a_study_folder_wrapping_one_series_reads_as_that_series():
-    from autoplan.io import list_image_files
     from autoplan.io.images import series_folder
-    from tests.conftest import shared_dataset
 
     studies = shared_dataset("hippocampus_dicom")
     assert [p.name for p in list_image_files(studies)] == ["Study1", "Study2", "Study3"]

@@ -17,6 +17,8 @@ from autoplan.parallel import parallel_map
 from autoplan.preprocessing.cache import preprocessing_stamp
 
 CLASSIFICATION_CHUNK = 512
+# ITU-R 601 luma: grey from RGB, as PIL's "L" (also the colour jitter's grey, autoplan/augmentation.py).
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
 def load_classification_image(image, configuration) -> np.ndarray:
@@ -44,7 +46,7 @@ def convert_channels(pixels, n_channels: int):
         return pixels
     if pixels.dtype == np.uint8:
         return np.asarray(Image.fromarray(np.moveaxis(pixels, 0, -1)).convert("L"))[None]
-    luma = np.tensordot(np.asarray([0.299, 0.587, 0.114]), pixels.astype(np.float64), axes=1)
+    luma = np.tensordot(np.asarray(LUMA_WEIGHTS), pixels.astype(np.float64), axes=1)
     return np.round(luma).astype(pixels.dtype)[None]
 
 
