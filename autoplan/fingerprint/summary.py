@@ -39,10 +39,7 @@ def format_fingerprint_summary(fp: Fingerprint) -> str:
         f"  median spacing  {format_shape(fp.median_spacing)} mm   anisotropy {fp.anisotropy:.2f}",
         f"  total           {fp.total_voxels:,} voxels, {_bytes_text(fp.disk_bytes)} on disk",
     ]
-    if fp.task_type == "segmentation":
-        lines += _segmentation_summary(fp)
-    else:
-        lines += _classification_summary(fp)
+    lines += _TASK_SUMMARIES[fp.task_type](fp)
     if fp.notes:
         lines.append("Notes:")
         lines += [f"  - {note}" for note in fp.notes]
@@ -96,3 +93,7 @@ def _classification_summary(fp: Fingerprint) -> list:
     if len(fp.duplicates) > 5:
         lines.append(f"    ... {len(fp.duplicates) - 5} more in fingerprint.json")
     return lines
+
+
+# The lines each task adds to the summary.
+_TASK_SUMMARIES = {"segmentation": _segmentation_summary, "classification": _classification_summary}
