@@ -154,17 +154,12 @@ class _SegmentationCases:
         return state
 
 
-class _PatchSampler(SlimDataLoaderBase):
-    """Produces {"data", "seg"} batches of patches of ``sample_size`` (batchgenerators keys)."""
+class _Sampler(SlimDataLoaderBase):
+    """What both samplers share: a seed, one generator per worker, in-order passes for
+    validation, and workers that end with the training process."""
 
-    def __init__(self, cases, sample_size, dim, batch_size, oversample_foreground, seed, infinite,
-                 max_shift=None):
-        super().__init__(cases, batch_size, None)
-        self.cases = cases
-        self.sample_size = [int(s) for s in sample_size]
-        self.max_shift = [int(m) for m in (max_shift or [0] * len(self.sample_size))]
-        self.dim = dim
-        self.oversample_foreground = oversample_foreground
+    def __init__(self, data, batch_size, seed, infinite):
+        super().__init__(data, batch_size, None)
         self.seed = int(seed)
         self.infinite = infinite
         self._rng = None
@@ -172,18 +167,50 @@ class _PatchSampler(SlimDataLoaderBase):
         self._parent_pid = os.getpid()
 
     def set_thread_id(self, thread_id):
-        """Called in each worker process: fresh generators per worker (Python's too, which
-        batchgenerators' noise transform uses and the augmenter does not seed)."""
+        """Called in each worker process: a fresh generator per worker."""
         super().set_thread_id(thread_id)
         self._rng = None
         if self.number_of_threads_in_multithreaded:
             die_with_parent(self._parent_pid)
-            random.seed(self.seed * 1000 + thread_id)
 
     def _generator(self):
         if self._rng is None:
             self._rng = np.random.default_rng([self.seed, self.thread_id])
         return self._rng
+
+    def _next_ordered_batch(self, n_items: int) -> tuple:
+        """(start, stop) of this worker's next batch in a pass over ``n_items`` in order: batch k
+        is made by worker k % n_workers; at the end StopIteration, and the next call starts
+        the next pass."""
+        n_workers = self.number_of_threads_in_multithreaded or 1
+        n_batches = int(np.ceil(n_items / self.batch_size))
+        batch = self._next_batch * n_workers + self.thread_id
+        if batch >= n_batches:
+            self._next_batch = 0
+            raise StopIteration
+        self._next_batch += 1
+        start = batch * self.batch_size
+        return start, min(start + self.batch_size, n_items)
+
+
+class _PatchSampler(_Sampler):
+    """Produces {"data", "seg"} batches of patches of ``sample_size`` (batchgenerators keys)."""
+
+    def __init__(self, cases, sample_size, dim, batch_size, oversample_foreground, seed, infinite,
+                 max_shift=None):
+        super().__init__(cases, batch_size, seed, infinite)
+        self.cases = cases
+        self.sample_size = [int(s) for s in sample_size]
+        self.max_shift = [int(m) for m in (max_shift or [0] * len(self.sample_size))]
+        self.dim = dim
+        self.oversample_foreground = oversample_foreground
+
+    def set_thread_id(self, thread_id):
+        """Seeds Python's generator too in a worker: batchgenerators' noise transform uses it
+        and the augmenter does not seed it."""
+        super().set_thread_id(thread_id)
+        if self.number_of_threads_in_multithreaded:
+            random.seed(self.seed * 1000 + thread_id)
 
     def generate_train_batch(self):
         rng = self._generator()
@@ -191,7 +218,7 @@ class _PatchSampler(SlimDataLoaderBase):
         if self.infinite:
             indices = rng.integers(0, n_cases, self.batch_size)
         else:
-            start, stop = _next_ordered_batch(self, n_cases)
+            start, stop = self._next_ordered_batch(n_cases)
             indices = list(range(start, stop))
         data, seg = [], []
         for slot, index in enumerate(indices):
@@ -219,21 +246,6 @@ class _PatchSampler(SlimDataLoaderBase):
         corner = _window_lower_corner(data.shape[1:], self.sample_size, centre, rng)
         corner = [c + int(rng.integers(-m, m + 1)) if m else c for c, m in zip(corner, self.max_shift)]
         return _crop_padded(data, corner, self.sample_size), _crop_padded(seg, corner, self.sample_size)
-
-
-def _next_ordered_batch(sampler, n_items: int) -> tuple:
-    """(start, stop) of the sampler's next batch in a pass over ``n_items`` in order (validation):
-    batch k is made by worker k % n_workers; at the end StopIteration, and the next call starts
-    the next pass."""
-    n_workers = sampler.number_of_threads_in_multithreaded or 1
-    n_batches = int(np.ceil(n_items / sampler.batch_size))
-    batch = sampler._next_batch * n_workers + sampler.thread_id
-    if batch >= n_batches:
-        sampler._next_batch = 0
-        raise StopIteration
-    sampler._next_batch += 1
-    start = batch * sampler.batch_size
-    return start, min(start + sampler.batch_size, n_items)
 
 
 def _window_lower_corner(shape, size, centre, rng):
@@ -314,25 +326,14 @@ class _DropKeys:
 # ----------------------------------------------------------------------------- classification
 
 
-class _ImageSampler(SlimDataLoaderBase):
+class _ImageSampler(_Sampler):
     """Produces {"images": uint8 (B, H, W, C), "target": int64 (B,), "seed": int}."""
 
     def __init__(self, images, labels, indices, batch_size, seed, infinite):
-        super().__init__(None, batch_size, None)
+        super().__init__(None, batch_size, seed, infinite)
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.indices = np.asarray(indices, dtype=np.int64)
-        self.seed = int(seed)
-        self.infinite = infinite
-        self._rng = None
-        self._next_batch = 0
-        self._parent_pid = os.getpid()
-
-    def set_thread_id(self, thread_id):
-        super().set_thread_id(thread_id)
-        self._rng = None
-        if self.number_of_threads_in_multithreaded:
-            die_with_parent(self._parent_pid)
 
     def _pixels(self):
         if isinstance(self.images, (str, Path)):
@@ -340,11 +341,9 @@ class _ImageSampler(SlimDataLoaderBase):
         return self.images
 
     def generate_train_batch(self):
-        if self._rng is None:
-            self._rng = np.random.default_rng([self.seed, self.thread_id])
-        rng = self._rng
+        rng = self._generator()
         if not self.infinite:
-            start, stop = _next_ordered_batch(self, len(self.indices))
+            start, stop = self._next_ordered_batch(len(self.indices))
             chosen = self.indices[start:stop]
         else:
             chosen = self.indices[rng.integers(0, len(self.indices), self.batch_size)]
