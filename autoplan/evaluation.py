@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from autoplan.fingerprint.geometry import bounding_box
 from autoplan.parallel import parallel_map
 
 SEGMENTATION_METRICS = ("dice", "jaccard", "precision", "recall", "asd_mm", "hd95_mm")
@@ -79,13 +80,7 @@ def _bounding_box_crop(pred: np.ndarray, ref: np.ndarray):
     of one mask to any surface voxel of the other is inside it too: distances are exact.
     The zero padding gives objects touching the image border a surface there.
     """
-    union = pred | ref
-    box = []
-    for axis in range(union.ndim):
-        other_axes = tuple(a for a in range(union.ndim) if a != axis)
-        present = np.flatnonzero(union.any(axis=other_axes))
-        box.append(slice(present[0], present[-1] + 1))
-    box = tuple(box)
+    box = bounding_box(pred | ref)
     return np.pad(pred[box], 1), np.pad(ref[box], 1)
 
 

@@ -17,9 +17,9 @@ from autoplan.inference.inputs import InputCase, mask_ending, read_case
 from autoplan.inference.models import load_ensemble
 from autoplan.inference.predict import (PredictionSession, classify_cases, predictions_csv, progress, segment_case,
                                         torch_threads)
-from autoplan.io import read_image, write_image
+from autoplan.io import read_case_images, read_case_labels, read_image, write_image
 from autoplan.jsonio import atomic_write_text, write_json
-from autoplan.preprocessing import load_classification_image, read_case_images, read_case_labels
+from autoplan.preprocessing import load_classification_image
 from autoplan.report import write_classification_report, write_segmentation_report
 
 

@@ -1,7 +1,6 @@
 """What ``autoplan predict`` reads and where it writes: the cases of an input folder (image
 files, nnU-Net channel files, DICOM series folders) and the file name of each case's mask."""
 
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,12 +9,10 @@ import numpy as np
 
 from autoplan import preprocessing
 from autoplan.errors import InputError
-from autoplan.io import NATURAL_FORMATS, file_ending, strip_ending
+from autoplan.io import CHANNEL_FILE, NATURAL_FORMATS, file_ending, read_case_images, strip_ending
 
 # Natural-image inputs whose own format cannot hold a label map exactly get PNG masks.
 _LOSSY_ENDINGS = {".jpg": ".png", ".jpeg": ".png"}
-# nnU-Net's channel files: CASE_0000.ext, CASE_0001.ext, ...
-_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 @dataclass
@@ -25,7 +22,7 @@ class InputCase:
 
     @property
     def images(self) -> list:
-        """The name ``datasets.Case`` uses, so preprocessing's readers take an InputCase."""
+        """The name ``datasets.Case`` uses, so ``autoplan.io``'s case readers take an InputCase."""
         return self.files
 
 
@@ -37,7 +34,7 @@ def group_input_cases(paths) -> list:
     """
     candidates, cases = {}, []
     for path in paths:
-        match = _CHANNEL_SUFFIX.match(strip_ending(path.name)) if path.is_file() else None
+        match = CHANNEL_FILE.match(strip_ending(path.name)) if path.is_file() else None
         if match:
             candidates.setdefault(match["case"], {})[int(match["channel"])] = path
         else:
@@ -71,7 +68,7 @@ def read_case(files, n_channels: int | None = None):
     "L") or grey repeated to 3 channels; ``meta["original_channels"]`` keeps the count
     read, so the quality check can flag it. Any other channel mismatch is an InputError.
     """
-    image = preprocessing.read_case_images(InputCase("", list(files)))
+    image = read_case_images(InputCase("", list(files)))
     if n_channels is None or image.n_channels == n_channels:
         return image
     convertible = {image.n_channels, n_channels} == {1, 3} and len(files) == 1

@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from autoplan.evaluation import nanmean
+from autoplan.fingerprint.geometry import bounding_box
 from autoplan.report.document import Document, add_curves, add_run_info, fmt, safe_name
 from autoplan.report.figures import new_figure, save_figure
 
@@ -138,7 +139,7 @@ def render_3d_figure(sample: dict, label_ids: list, names: dict) -> Figure | Non
     union = np.isin(prediction, label_ids) | (np.isin(reference, label_ids) if reference is not None else False)
     if not np.isin(prediction, label_ids).any():
         return None
-    box = tuple(slice(idx.min(), idx.max() + 1) for idx in np.nonzero(union))
+    box = bounding_box(union)
     extent = np.array([(s.stop - s.start + 2) * sp for s, sp in zip(box, spacing)])[::-1]  # x, y, z
     # Coarser marching cubes for large structures keeps the drawing to about 10^4 triangles.
     step = max(1, math.ceil(max(s.stop - s.start for s in box) / 64))
