@@ -103,8 +103,8 @@ def import_dataset(
         label_map = parse_label_map(label_map)
     if isinstance(classes, str):
         classes = [c.strip() for c in classes.split(",") if c.strip()]
-    source = Source(images_dir, masks_dir, labels_csv, id_column, label_column, group_column)
-    found = collect_jobs(source, label_map, classes)
+    source = _Source(images_dir, masks_dir, labels_csv, id_column, label_column, group_column)
+    found = _collect_jobs(source, label_map, classes)
     inspections = parallel_map(InspectTask(found.label_map), found.jobs, n_jobs=n_jobs,
                                desc="checking cases", quiet=quiet)
     output = output_format(found, inspections, convert_grey)
@@ -124,7 +124,7 @@ def _check_request(name, images_dir: Path, raw_root, overwrite: bool) -> None:
 
 
 @dataclass
-class Source:
+class _Source:
     images: Path
     masks: Path | None
     labels_csv: Path | None
@@ -133,7 +133,7 @@ class Source:
     group_column: str | None
 
 
-def collect_jobs(source: Source, label_map, classes) -> Collected:
+def _collect_jobs(source: _Source, label_map, classes) -> Collected:
     """The source's layout and cases; an nnU-Net raw folder brings its labels and classes."""
     images = source.images
     masks = Path(source.masks) if source.masks is not None else None
@@ -157,7 +157,7 @@ def collect_jobs(source: Source, label_map, classes) -> Collected:
     return Collected("images_only", "segmentation", unlabelled_jobs(images), {}, label_map, classes)
 
 
-def _description(name: str, source: Source, found: Collected, output: OutputFormat, channel_names) -> dict:
+def _description(name: str, source: _Source, found: Collected, output: OutputFormat, channel_names) -> dict:
     """dataset.json of the imported dataset, with where it came from."""
     given = found.given
     description = {

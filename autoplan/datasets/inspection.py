@@ -86,20 +86,20 @@ class OutputFormat:
 
 def output_format(found: Collected, inspections: list, convert_grey: bool) -> OutputFormat:
     jobs = found.jobs
-    dim, channels, to_rgb = channel_policy(inspections, convert_grey)
+    dim, channels, to_rgb = _channel_policy(inspections, convert_grey)
     natural = dim == 2 and all(file_ending(p) in NATURAL_EXTENSIONS for j in jobs for p in j.images)
     if found.layout == "nnunet_raw":
         ending, copy_images = found.given["file_ending"], not to_rgb
     else:
-        ending, copy_images = output_ending(jobs, natural, found.task_type, to_rgb)
+        ending, copy_images = _output_ending(jobs, natural, found.task_type, to_rgb)
     if not natural and any(i.channels > len(j.images) for i, j in zip(inspections, jobs)):
         copy_images = False        # volumes holding several channels are split into channel files
-    value_to_id, labels = label_ids_from(found.label_map, inspections, found.task_type)
+    value_to_id, labels = _label_ids_from(found.label_map, inspections, found.task_type)
     return OutputFormat(dim=dim, channels=channels, natural=natural, to_rgb=to_rgb, ending=ending,
                         copy_images=copy_images, value_to_id=value_to_id, labels=labels)
 
 
-def channel_policy(inspections, convert_grey: bool) -> tuple:
+def _channel_policy(inspections, convert_grey: bool) -> tuple:
     """(dim, channels, ids of grey cases to turn into RGB); mixed counts are refused."""
     dims = {i.dim for i in inspections}
     if len(dims) > 1:
@@ -121,7 +121,7 @@ def channel_policy(inspections, convert_grey: bool) -> tuple:
                                       f"of {len(inspections)} images have {usual}{hint}")
 
 
-def output_ending(jobs, natural: bool, task_type: str, to_rgb: set) -> tuple:
+def _output_ending(jobs, natural: bool, task_type: str, to_rgb: set) -> tuple:
     """(file ending, whether image files can be linked/copied unchanged)."""
     endings = {file_ending(p) for job in jobs for p in job.images}
     ending = ".nii.gz"
@@ -132,7 +132,7 @@ def output_ending(jobs, natural: bool, task_type: str, to_rgb: set) -> tuple:
     return ending, endings == {ending}
 
 
-def label_ids_from(label_map: dict | None, inspections, task_type: str) -> tuple:
+def _label_ids_from(label_map: dict | None, inspections, task_type: str) -> tuple:
     """({mask value: label id}, dataset.json labels {name: id})."""
     if task_type == "classification":
         return {}, {}

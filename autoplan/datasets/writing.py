@@ -18,7 +18,7 @@ from autoplan.parallel import parallel_map
 
 
 @dataclass
-class WriteJob:
+class _WriteJob:
     case: CaseJob
     root: Path                        # the temporary dataset folder
     ending: str                       # output file ending
@@ -27,7 +27,7 @@ class WriteJob:
     mask_lookup: dict | None          # source value -> label id; None: copy the mask unchanged
 
 
-def link_or_copy(source: Path, target: Path) -> None:
+def _link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
     except OSError:
@@ -39,27 +39,27 @@ def write_dataset(raw_root: Path, name: str, overwrite: bool, jobs: list, output
     """Every case and dataset.json into a temporary folder, renamed to ``raw_root/name`` at the end."""
     with _building_folder(raw_root, name, overwrite) as building:
         write_jobs = [
-            WriteJob(case=job, root=building, ending=output.ending,
-                     copy_images=output.copy_images and job.id not in output.to_rgb,
-                     to_rgb=job.id in output.to_rgb,
-                     mask_lookup=mask_lookup(job, output.value_to_id, output.ending))
+            _WriteJob(case=job, root=building, ending=output.ending,
+                      copy_images=output.copy_images and job.id not in output.to_rgb,
+                      to_rgb=job.id in output.to_rgb,
+                      mask_lookup=mask_lookup(job, output.value_to_id, output.ending))
             for job in jobs
         ]
         (building / "imagesTr").mkdir()
         if any(j.mask is not None for j in jobs):
             (building / "labelsTr").mkdir()
-        parallel_map(write_case, write_jobs, n_jobs=n_jobs, desc="writing cases", quiet=quiet)
+        parallel_map(_write_case, write_jobs, n_jobs=n_jobs, desc="writing cases", quiet=quiet)
         write_json(building / "dataset.json", description)
 
 
-def write_case(job: WriteJob) -> None:
+def _write_case(job: _WriteJob) -> None:
     """One case's channel files and mask, linked or copied where they can stay as they are."""
     _write_images(job)
     if job.case.mask is None:
         return
     target = job.root / "labelsTr" / f"{job.case.id}{job.ending}"
     if job.mask_lookup is None:
-        link_or_copy(job.case.mask, target)
+        _link_or_copy(job.case.mask, target)
         return
     mask = read_mask(job.case.mask)
     lookup = np.zeros(max(job.mask_lookup) + 1, dtype=np.uint16)
@@ -70,12 +70,12 @@ def write_case(job: WriteJob) -> None:
     write_image(labels.astype(dtype), target, mask)
 
 
-def _write_images(job: WriteJob) -> None:
+def _write_images(job: _WriteJob) -> None:
     case = job.case
     channel = 0
     for source in case.images:
         if job.copy_images:
-            link_or_copy(source, job.root / "imagesTr" / channel_file_name(case.id, channel, job.ending))
+            _link_or_copy(source, job.root / "imagesTr" / channel_file_name(case.id, channel, job.ending))
             channel += 1
             continue
         image = read_image(source)

@@ -22,7 +22,7 @@ def fingerprint_classification(dataset, source_hash: str, n_jobs) -> Fingerprint
         if case.class_name not in classes:
             raise InputError(Path(dataset.root) / "dataset.json",
                              f"case {case.id!r} has class {case.class_name!r}, not in classes {classes}")
-    results = parallel_map(analyze_classification_case, dataset.cases, n_jobs=n_jobs, desc="fingerprint")
+    results = parallel_map(_analyze_classification_case, dataset.cases, n_jobs=n_jobs, desc="fingerprint")
     check_consistent(dataset, results)
 
     shapes = np.array([r["shape"] for r in results], dtype=float)
@@ -52,7 +52,7 @@ def fingerprint_classification(dataset, source_hash: str, n_jobs) -> Fingerprint
     return fingerprint
 
 
-def analyze_classification_case(case) -> dict:
+def _analyze_classification_case(case) -> dict:
     """One image read once: size, per-channel sums on a 0..1 scale, and a hash of its pixels."""
     image = read_case_images(case)
     data = image.array

@@ -78,8 +78,8 @@ def geometry_fields(dataset, results, shapes, spacings, source_hash) -> dict:
         "spacings": [r["spacing"] for r in results],
         "median_shape": median_list(shapes),
         "median_spacing": median_spacing,
-        "shape_percentiles": axis_percentiles(shapes),
-        "spacing_percentiles": axis_percentiles(spacings),
+        "shape_percentiles": _axis_percentiles(shapes),
+        "spacing_percentiles": _axis_percentiles(spacings),
         "anisotropy": float(max(median_spacing) / smallest) if smallest > 0 else 1.0,
         "total_voxels": int(sum(r["n_voxels"] for r in results)),
         "disk_bytes": int(sum(r["disk_bytes"] for r in results)),
@@ -95,7 +95,7 @@ def median_list(values: np.ndarray, as_int=True) -> list:
     return [float(m) for m in median]
 
 
-def axis_percentiles(values: np.ndarray) -> dict:
+def _axis_percentiles(values: np.ndarray) -> dict:
     return {
         "min": np.min(values, axis=0).tolist(),
         "p5": np.percentile(values, 5, axis=0).tolist(),

@@ -32,7 +32,7 @@ from autoplan.parallel import parallel_map
 def fingerprint_segmentation(dataset, source_hash: str, n_jobs) -> Fingerprint:
     label_ids = sorted(dataset.foreground_labels)
     samples_per_case = int(MAX_FOREGROUND_SAMPLES // len(dataset.cases))
-    analyze = functools.partial(analyze_segmentation_case, label_ids=label_ids,
+    analyze = functools.partial(_analyze_segmentation_case, label_ids=label_ids,
                                 samples_per_case=samples_per_case)
     results = parallel_map(analyze, dataset.cases, n_jobs=n_jobs, desc="fingerprint")
     check_consistent(dataset, results)
@@ -72,7 +72,7 @@ def fingerprint_segmentation(dataset, source_hash: str, n_jobs) -> Fingerprint:
     return fingerprint
 
 
-def analyze_segmentation_case(case, label_ids, samples_per_case) -> dict:
+def _analyze_segmentation_case(case, label_ids, samples_per_case) -> dict:
     """One case: geometry, crop to nonzero, foreground sample, label voxels and components.
 
     Runs in a worker; returns small arrays only (the foreground sample is the largest).
