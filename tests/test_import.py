@@ -236,8 +236,11 @@ def test_existing_target_is_refused_unless_overwrite(tmp_path):
 
 
 def test_parallel_workers_report_input_errors(tmp_path):
+    """A worker's InputError reaches the caller; of several, the first case's, whichever
+    worker failed first."""
     images, masks = natural_segmentation(tmp_path / "src", n=3)
-    (images / "case1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    for name in ("case1.png", "case2.png"):
+        (images / name).write_bytes(b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(InputError) as error:
         import_dataset("Task", images, tmp_path / "raw", masks_dir=masks, n_jobs=2, quiet=True)
     assert_refused(error, images / "case1.png", tmp_path / "raw", "Task")
