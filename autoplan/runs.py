@@ -12,7 +12,7 @@ import torch
 
 from autoplan.errors import InputError
 from autoplan.jsonio import JsonDataclass
-from autoplan.planning import Configuration
+from autoplan.artifacts import Configuration
 
 
 @dataclass
@@ -43,10 +43,6 @@ class TrainOptions:
     n_workers: int | None = None         # data-loading processes
     precision: str | None = None         # 'fp32' | 'bf16' | 'fp16' autocast; None: the plan's
 
-    # options that name a run; other fields (resume, device, n_jobs...) do not change results
-    NAMING = ("loss", "dropout", "label_smoothing", "base_features", "norm", "augment", "optimizer", "lr",
-              "batch_size", "pretrained", "epochs", "time_budget_minutes", "seed", "precision")
-
 
 @dataclass
 class RunSpec(JsonDataclass):
@@ -74,36 +70,10 @@ class RunSpec(JsonDataclass):
 
 def build_network(spec: RunSpec, deep_supervision: bool = False) -> torch.nn.Module:
     """The network of a run, untrained, exactly as it was trained."""
-    if spec.task_type == "classification":
-        from autoplan.nets.resnet import build_resnet
+    from autoplan.nets import build_network as build_configured_network
 
-        net = spec.configuration.network
-        return build_resnet(
-            net["arch"],
-            in_channels=spec.configuration.n_input_channels,
-            n_classes=spec.configuration.n_outputs,
-            width=net.get("width", 64),
-            dropout=spec.dropout,
-            blocks_per_stage=net.get("blocks_per_stage"),
-        )
-    from autoplan.nets.unet import build_unet
-
-    return build_unet(spec.configuration, norm=spec.norm, dropout=spec.dropout,
-                      deep_supervision=deep_supervision)
-
-
-def build_optimizer(name: str, params, lr: float, task_type: str) -> torch.optim.Optimizer:
-    """The optimiser a run trains with (also what the planner's throughput probe steps)."""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
-    # fused: one kernel for all parameters instead of a loop over them; for a ResNet-18 on
-    # 2 CPU cores the step goes from 18 to 4 ms (of a ~200 ms iteration), same arithmetic
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=3e-5, fused=True)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2 if task_type == "classification" else 3e-5,
-                                 fused=True)
-    raise ValueError(f"unknown optimizer {name!r} (sgd, adam, adamw)")
+    return build_configured_network(spec.configuration, norm=spec.norm, dropout=spec.dropout,
+                                    deep_supervision=deep_supervision)
 
 
 def best_checkpoint(fold_dir) -> Path:

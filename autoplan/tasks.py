@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from autoplan.jsonio import read_json, write_json
-from autoplan.planning import EPOCH_VALIDATION_PER_CLASS
+from autoplan.planning.classification import EPOCH_VALIDATION_PER_CLASS
+from autoplan.recipe import build_loss
 from autoplan.runs import RunSpec, build_network
 
 
@@ -50,20 +51,12 @@ class SegmentationTask(_Task):
         return build_network(self.spec, deep_supervision=True)
 
     def build_loss(self):
-        from autoplan.losses import build_segmentation_loss
         from autoplan.nets.unet import deep_supervision_scales
 
         self.scales = deep_supervision_scales(self.configuration.network["strides"])
-        weights = np.array([1 / (2**i) for i in range(len(self.scales))])
-        weights[-1] = 0  # nnU-Net: the lowest-resolution output gets no weight
-        weights = (weights / weights.sum()).tolist()
-        name = self.spec.options.loss or self.configuration.loss
         # in eval mode the network gives only the full-resolution output: score that alone
-        self._validation_loss = build_segmentation_loss(name, self.configuration.n_outputs,
-                                                        batch_dice=self.configuration.batch_dice)
-        return build_segmentation_loss(name, self.configuration.n_outputs,
-                                       batch_dice=self.configuration.batch_dice,
-                                       deep_supervision_weights=weights)
+        self._validation_loss = build_loss(self.configuration, self.spec.options.loss, deep_supervision=False)
+        return build_loss(self.configuration, self.spec.options.loss)
 
     def validation_loss(self, output, targets):
         return self._validation_loss(output, targets[0])
@@ -119,48 +112,41 @@ class SegmentationTask(_Task):
     # -- final validation -------------------------------------------------------------------
     def final_validation(self, network, run_dir: Path, device, run_info: dict) -> dict:
         """Full images of the validation fold, in original geometry, then metrics and report."""
-        from autoplan.evaluation import segmentation_case_metrics, summarize_segmentation
-        from autoplan.inference import (apply_postprocessing, decide_postprocessing, predict_case_probabilities,
-                                        probabilities_to_labels)
-        from autoplan.preprocessing import read_case_images, read_case_labels
+        from autoplan.evaluation import segmentation_case_metrics, select_sample_cases, summarize_segmentation
+        from autoplan.inference.segmentation import apply_postprocessing, decide_postprocessing
         from autoplan.report import write_segmentation_report
+
+        cases = self._predict_validation_fold(network, device)
+        self.spec.postprocessing = decide_postprocessing([c["prediction"] for c in cases],
+                                                         [c["reference"] for c in cases], self.label_ids)
+        self.spec.save(Path(run_dir) / "plan.json")
+        for case in cases:
+            case["prediction"] = apply_postprocessing(case["prediction"], self.spec.postprocessing)
+        per_case = [{"case": c["case"], "per_label": segmentation_case_metrics(
+            c["prediction"], c["reference"], self.label_ids, c["spacing"])} for c in cases]
+        metrics = summarize_segmentation(per_case, self.spec.foreground_labels)
+        write_json(Path(run_dir) / "metrics.json", metrics)
+        by_id = {c["case"]: c for c in cases}
+        samples = [by_id[case_id] for case_id in select_sample_cases(metrics)]
+        write_segmentation_report(Path(run_dir), metrics, run_info, samples, log_csv=Path(run_dir) / "log.csv")
+        return metrics
+
+    def _predict_validation_fold(self, network, device) -> list:
+        """Per validation case {case, image, reference, prediction (before post-processing), spacing}."""
+        from autoplan.inference.segmentation import predict_case_probabilities, probabilities_to_labels
+        from autoplan.io import read_case_images, read_case_labels
 
         network.eval()
         label_ids = sorted(int(v) for v in self.spec.labels.values())
-        predictions, references, spacings, images = [], [], [], []
+        cases = []
         for case_id in self.split["val"]:
             case = self.dataset.case(case_id)
             image = read_case_images(case)
             probabilities, _ = predict_case_probabilities([network], self.spec, image, tta=True, device=device)
-            predictions.append(probabilities_to_labels(probabilities, self.spec).astype(np.int16))
-            references.append(read_case_labels(case, image, label_ids).astype(np.int16))
-            spacings.append(list(image.spacing))
-            images.append(image.array)
-        self.spec.postprocessing = decide_postprocessing(predictions, references, self.label_ids, spacings)
-        self.spec.save(Path(run_dir) / "plan.json")
-        per_case = []
-        for case_id, prediction, reference, spacing in zip(self.split["val"], predictions, references, spacings):
-            prediction = apply_postprocessing(prediction, self.spec.postprocessing)
-            per_case.append({"case": case_id, "per_label": segmentation_case_metrics(
-                prediction, reference, self.label_ids, spacing)})
-        metrics = summarize_segmentation(per_case, self.spec.foreground_labels)
-        write_json(Path(run_dir) / "metrics.json", metrics)
-        samples = _sample_cases(per_case, images, references, predictions, spacings)
-        write_segmentation_report(Path(run_dir), metrics, run_info, samples,
-                                  log_csv=Path(run_dir) / "log.csv")
-        return metrics
-
-
-def _sample_cases(per_case, images, references, predictions, spacings, k=3):
-    """Best, median and worst case by mean foreground Dice: what a reader wants to see."""
-    def mean_dice(entry):
-        values = [m["dice"] for m in entry["per_label"].values() if m["dice"] is not None and np.isfinite(m["dice"])]
-        return float(np.mean(values)) if values else 0.0
-
-    order = np.argsort([mean_dice(entry) for entry in per_case])
-    picks = sorted({int(order[-1]), int(order[len(order) // 2]), int(order[0])}, key=lambda i: -mean_dice(per_case[i]))
-    return [{"case": per_case[i]["case"], "image": images[i], "reference": references[i],
-             "prediction": predictions[i], "spacing": spacings[i]} for i in picks[:k]]
+            cases.append({"case": case_id, "image": image.array, "spacing": list(image.spacing),
+                          "prediction": probabilities_to_labels(probabilities, self.spec).astype(np.int16),
+                          "reference": read_case_labels(case, image, label_ids).astype(np.int16)})
+        return cases
 
 
 class ClassificationTask(_Task):
@@ -186,13 +172,8 @@ class ClassificationTask(_Task):
         return network
 
     def build_loss(self):
-        from autoplan.losses import build_classification_loss
-
-        imbalance = self.configuration.imbalance or {}
-        weights = imbalance.get("class_weights") if imbalance.get("strategy") == "weighted_loss" else None
-        self._loss = build_classification_loss(self.spec.options.loss or self.configuration.loss,
-                                               class_weights=weights,
-                                               label_smoothing=self.spec.options.label_smoothing)
+        self._loss = build_loss(self.configuration, self.spec.options.loss,
+                                label_smoothing=self.spec.options.label_smoothing)
         return self._loss
 
     def validation_loss(self, output, target):
@@ -239,7 +220,7 @@ class ClassificationTask(_Task):
         return {"true": [], "predicted": []}
 
     def tally(self, tally, outputs, targets):
-        from autoplan.inference import decision_probabilities
+        from autoplan.inference.classification import decision_probabilities
 
         probabilities = torch.softmax(outputs.detach().float(), dim=1).cpu().numpy()
         tally["true"].extend(targets.cpu().tolist())
@@ -256,7 +237,7 @@ class ClassificationTask(_Task):
 
     def final_validation(self, network, run_dir: Path, device, run_info: dict) -> dict:
         from autoplan.evaluation import classification_metrics
-        from autoplan.inference import classify_pixels, gradcam_samples
+        from autoplan.inference.classification import classify_pixels, gradcam_samples
         from autoplan.report import write_classification_report
 
         network.eval()

@@ -21,18 +21,21 @@ import torch
 from autoplan import distributed
 from autoplan.datasets import Dataset
 from autoplan.errors import InputError
+from autoplan.evaluation import headline_metrics
 from autoplan.fingerprint import Fingerprint
 from autoplan.jsonio import JsonDataclass, atomic_write_text, to_jsonable
 from autoplan.parallel import progress_enabled
 from autoplan.paths import Folders
 from autoplan.nets import autocast, memory_format, resolve_precision
-from autoplan.planning import GRAD_CLIP, VAL_ITERATION_COST, Configuration, Plan, epochs_fill_budget
+from autoplan.artifacts import Configuration, Plan
+from autoplan.planning.schedule import epochs_fill_budget, final_validation_seconds, training_seconds
+from autoplan.planning.topology import MAX_FEATURES
 from autoplan.qc import qc_reference
-from autoplan.runs import RunSpec, TrainOptions, build_optimizer, load_checkpoint
+from autoplan.recipe import TrainStep, build_optimizer
+from autoplan.runs import RunSpec, TrainOptions, load_checkpoint
 from autoplan.splits import load_or_create_splits
 from autoplan.tasks import make_task
 
-FEATURE_CAP = {2: 512, 3: 320}
 EMA_DECAY = 0.9          # nnU-Net smooths the pseudo-Dice before picking the best checkpoint
 # Where the time budget set the plan's epoch count, that count comes from a probe of a machine
 # whose speed drifts (+-20 % between days on the shared 2-core box). The run may then train up to
@@ -77,7 +80,7 @@ def effective_configuration(configuration: Configuration, options: TrainOptions)
         if configuration.name == "classifier":
             network["width"] = int(options.base_features)
         else:
-            cap = FEATURE_CAP[configuration.dim]
+            cap = MAX_FEATURES[configuration.dim]
             network["features_per_stage"] = [min(options.base_features * 2**i, cap)
                                              for i in range(network["n_stages"])]
     changes["network"] = network
@@ -255,15 +258,6 @@ def _qc_reference(folders, dataset, configuration) -> dict:
     return qc_reference(fingerprint, configuration).to_dict()
 
 
-def headline_metrics(metrics: dict) -> dict:
-    if metrics.get("task_type") == "classification":
-        return {k: metrics.get(k) for k in ("accuracy", "balanced_accuracy")} | {
-            "macro_f1": metrics.get("macro_avg", {}).get("f1")}
-    out = {f"dice_{metrics['labels'][k]}": v.get("dice") for k, v in metrics.get("mean", {}).items()}
-    out.update({f"foreground_{k}": v for k, v in metrics.get("foreground_mean", {}).items()})
-    return out
-
-
 # --------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------
@@ -278,12 +272,12 @@ class TrainingLoop:
         self.optimizer = build_optimizer(self.configuration.optimizer, self.network.parameters(),
                                          self.configuration.lr, spec.task_type)
         self.precision = resolve_precision(self.configuration.precision, device.type)
-        # Only fp16 needs loss scaling: bf16 keeps float32's exponent range.
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.step = TrainStep(self.network, self.loss, self.optimizer, device.type, self.precision)
         self.started = started
         self.deadline = None if not time_budget_minutes else started + 60 * time_budget_minutes
         self.max_epochs = self.configuration.epochs
-        if not spec.options.epochs and epochs_fill_budget(self.configuration, time_budget_minutes):
+        if not spec.options.epochs and epochs_fill_budget(self.configuration, time_budget_minutes,
+                                                          self.reserve_seconds()):
             self.max_epochs = math.ceil(self.configuration.epochs * EPOCH_HEADROOM)
         self.epoch, self.iterations, self.train_seconds = 0, 0, 0.0
         self.ema, self.best_ema, self.best_epoch = None, -math.inf, 0
@@ -308,27 +302,13 @@ class TrainingLoop:
         return base * 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
 
     def reserve_seconds(self) -> float:
-        """Time kept back for final validation and the report (fixed for the run)."""
+        """Time kept back for final validation and the report: the planner's model
+        (``planning.schedule.final_validation_seconds``) for this fold's validation cases."""
         if not hasattr(self, "_reserve"):
-            self._reserve = 10.0 + len(self.task.split["val"]) * self._validation_seconds_per_case()
+            budget = (self.deadline - self.started) / 60 if self.deadline is not None else None
+            reserve = final_validation_seconds(self.configuration, len(self.task.split["val"]), self.device.type)
+            self._reserve = budget * 60 - training_seconds(budget, reserve) if budget else reserve
         return self._reserve
-
-    def _validation_seconds_per_case(self) -> float:
-        config = self.configuration
-        if self.spec.task_type == "classification":
-            return 0.02
-        if not (config.expected_seconds_per_iteration and self.device.type == "cpu"):
-            return {2: 0.7, 3: 1.5}.get(config.dim, 0.7)
-        # sliding windows of the median image x mirrored passes x a forward pass (costed as the
-        # planner costs a validation iteration), plus a floor for reading, resampling and metrics
-        from autoplan.inference import default_mirror_axes, sliding_window_starts
-
-        median = config.median_image_size or config.patch_size
-        starts = sliding_window_starts([max(m, p) for m, p in zip(median, config.patch_size)], config.patch_size)
-        windows = int(np.prod([len(s) for s in starts]))
-        passes = 2 ** len(default_mirror_axes(self.spec, tta=True))
-        forward = VAL_ITERATION_COST * config.expected_seconds_per_iteration / config.batch_size
-        return 0.6 + windows * passes * forward
 
     # -- epochs -------------------------------------------------------------------------------
     def fit(self, resume=False):
@@ -373,15 +353,7 @@ class TrainingLoop:
                 break           # a slower machine than planned: end the epoch, keep the budget
             data, target = self.task.to_device(next(batches), self.device)
             data = data.contiguous(memory_format=self.memory_format)
-            self.optimizer.zero_grad(set_to_none=True)
-            with autocast(self.device.type, self.precision):
-                loss = self.loss(self.network(data), target)
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), GRAD_CLIP)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            losses.append(loss.item())
+            losses.append(self.step(data, target).item())
             self.iterations += 1
         return float(np.mean(losses))
 
@@ -448,7 +420,7 @@ class TrainingLoop:
 
     def _state(self) -> dict:
         return {"model": distributed.unwrap(self.network).state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iterations": self.iterations,
+                "scaler": self.step.scaler.state_dict(), "epoch": self.epoch, "iterations": self.iterations,
                 "train_seconds": self.train_seconds, "ema": self.ema, "best_ema": self.best_ema,
                 "best_epoch": self.best_epoch, "elapsed": time.monotonic() - self.started,
                 "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(),
@@ -469,7 +441,7 @@ class TrainingLoop:
         state = load_checkpoint(path, self.device)
         distributed.unwrap(self.network).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.step.scaler.load_state_dict(state["scaler"])
         self.epoch, self.iterations = state["epoch"], state["iterations"]
         self.train_seconds, self.ema = state["train_seconds"], state["ema"]
         self.best_ema, self.best_epoch = state["best_ema"], state["best_epoch"]

@@ -127,7 +127,12 @@ def test_time_budget_is_honoured(demo):
     assert run.stopped_by == "time_budget"
     assert elapsed < 0.4 * 60 * 1.25 + 5      # validation and report included
     lrs = [float(r["lr"]) for r in read_log(run_dir)]
-    assert lrs[-1] < lrs[0] * 0.5             # the schedule follows the budget, not the epoch cap
+    # the schedule follows the budget, not the epoch cap: by epochs alone (k of 1000) the poly
+    # schedule would have lowered the rate by under 1 %; how far the clock took it depends on
+    # the machine's load, so only the direction and a clear margin are checked
+    by_epochs_alone = lrs[0] * (1 - (len(lrs) - 1) / 1000) ** 0.9
+    assert len(lrs) >= 2 and lrs == sorted(lrs, reverse=True)
+    assert lrs[-1] < 0.9 * by_epochs_alone
 
 
 def _train_planned(demo, run_name, **planned):

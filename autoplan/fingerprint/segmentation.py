@@ -117,7 +117,7 @@ def component_sizes(mask: np.ndarray) -> list:
 
 def full_component_count(mask: np.ndarray) -> int:
     """Connected components of ``mask`` with full connectivity (diagonals join), as
-    ``inference.largest_component`` counts them: what prediction's quality check compares."""
+    ``inference.segmentation.largest_component`` counts them: what prediction's quality check compares."""
     structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
     return int(ndimage.label(mask, structure=structure)[1])
 

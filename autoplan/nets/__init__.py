@@ -13,7 +13,20 @@ from autoplan.nets.unet import UNet, build_unet, deep_supervision_scales, downsa
 __all__ = ["UNet", "build_unet", "deep_supervision_scales", "downsample_target", "ResNet",
            "build_resnet", "load_pretrained", "freeze_stages", "unfreeze_all", "grad_cam",
            "memory_format", "PRECISIONS", "cpu_has_native_bf16", "default_precision", "resolve_precision",
-           "autocast"]
+           "autocast", "build_network"]
+
+
+def build_network(configuration, norm: str = "instance", dropout: float = 0.0,
+                  deep_supervision: bool = False) -> torch.nn.Module:
+    """The untrained network a planned configuration describes: its ResNet for the
+    classifier, its U-Net otherwise (with one output per decoder stage when
+    ``deep_supervision``, as training uses it)."""
+    if configuration.name == "classifier":
+        net = configuration.network
+        return build_resnet(net["arch"], in_channels=configuration.n_input_channels,
+                            n_classes=configuration.n_outputs, width=net.get("width", 64), dropout=dropout,
+                            blocks_per_stage=net.get("blocks_per_stage"))
+    return build_unet(configuration, norm=norm, dropout=dropout, deep_supervision=deep_supervision)
 
 
 def memory_format(dim: int) -> torch.memory_format:

@@ -1,0 +1,56 @@
+"""The artifacts of planning that later stages read: a :class:`Plan` of configurations.
+
+Kept apart from the planner (``autoplan.planning``) so that training, inference and the run
+folder (``autoplan.runs``) can read a plan without importing the code that makes one.
+"""
+
+from dataclasses import dataclass, field
+
+from autoplan.jsonio import JsonDataclass
+
+
+@dataclass
+class Configuration:
+    name: str                          # '2d' | '3d_fullres' | '3d_lowres' | 'classifier'
+    dim: int                           # 2 | 3
+    patch_size: list                   # array axis order; classifier: input size [H, W]
+    batch_size: int
+    spacing: list                      # target spacing, array axis order (classifier: [])
+    network: dict                      # U-Net: n_stages, features_per_stage, strides, kernel_sizes,
+                                       #   conv_per_stage; classifier: arch, widths, blocks_per_stage
+    normalization: list                # per channel: {"scheme": "zscore"|"zscore_nonzero"|"ct"|"rgb",
+                                       #   "mean":, "std":, "clip": [lo, hi]} (fields as needed)
+    estimated_memory_gb: float
+    epochs: int
+    iterations_per_epoch: int
+    val_iterations_per_epoch: int = 0
+    expected_seconds_per_iteration: float | None = None
+    loss: str = "dice_ce"
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    batch_dice: bool = False
+    augment: str = "default"
+    imbalance: dict = field(default_factory=dict)   # classifier: {"strategy":, "class_weights":, "reason":}
+    n_input_channels: int = 1
+    n_outputs: int = 2                 # segmentation: labels incl. background; classifier: classes
+    reasons: dict = field(default_factory=dict)     # field name -> why it was chosen
+    mirror_axes: list | None = None    # axes augmentation and TTA may mirror (None: every axis)
+    max_rotation_degrees: float | None = None       # cap on augmentation rotation (None: the preset's)
+    # added by the planner (defaults keep older plans loadable)
+    median_image_size: list = field(default_factory=list)   # median shape at the target spacing
+    samples_seen_epochs: float | None = None        # epochs × its × batch × patch / training voxels
+    precision: str = ""                # autocast in training: 'fp16' | 'bf16' | 'fp32' ('': fp16 on CUDA,
+                                       #   fp32 on CPU, as plans made before the field)
+    field_of_view: dict = field(default_factory=dict)   # {"mode": "fit", "working_size": [H, W]} for images
+
+
+@dataclass
+class Plan(JsonDataclass):
+    dataset: str
+    task_type: str
+    device: str                        # 'cpu' | 'cuda': what the plan was made for
+    gpu_memory_gb: float | None
+    time_budget_minutes: float | None
+    configurations: dict[str, Configuration]
+    default_configuration: str
+    notes: list = field(default_factory=list)       # planner-level observations (added field)
