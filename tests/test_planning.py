@@ -389,6 +389,23 @@ def test_bad_arguments_raise_input_error():
 
 
 # ---------------------------------------------------------------------------------- the memory model
+def _output_elements(net, kinds: dict, sample) -> dict:
+    """Elements of every output a forward pass of ``net`` makes, summed by layer kind."""
+    import torch
+
+    counted = dict.fromkeys(kinds.values(), 0)
+
+    def hook(module, inputs, output):
+        counted[kinds[type(module)]] += output.numel()
+
+    for module in net.modules():
+        if type(module) in kinds:
+            module.register_forward_hook(hook)
+    with torch.no_grad():
+        net(sample)
+    return counted
+
+
 def test_memory_model_counts_what_the_real_unet_makes():
     """Feature maps and parameters of the analytic model equal those of autoplan.nets.unet."""
     import torch
@@ -399,18 +416,9 @@ def test_memory_model_counts_what_the_real_unet_makes():
     config = replace(plan.configurations["3d_fullres"], patch_size=[16, 24, 16], batch_size=1)
     config.network = dict(config.network, features_per_stage=[4, 8, 16, 32])
     net = build_unet(config, deep_supervision=True).train()
-    counted = {"conv": 0, "norm": 0, "act": 0, "convtranspose": 0}
-    kinds = {torch.nn.Conv3d: "conv", torch.nn.InstanceNorm3d: "norm", torch.nn.LeakyReLU: "act",
-             torch.nn.ConvTranspose3d: "convtranspose"}
-
-    def hook(module, inputs, output):
-        counted[kinds[type(module)]] += output.numel()
-
-    for module in net.modules():
-        if type(module) in kinds:
-            module.register_forward_hook(hook)
-    with torch.no_grad():
-        net(torch.zeros(1, 1, *config.patch_size))
+    counted = _output_elements(net, {torch.nn.Conv3d: "conv", torch.nn.InstanceNorm3d: "norm",
+                                     torch.nn.LeakyReLU: "act", torch.nn.ConvTranspose3d: "convtranspose"},
+                               torch.zeros(1, 1, *config.patch_size))
     layers = configuration_layers(config)
     model = {k: sum(layer.elements for layer in layers if layer.kind == k) for k in counted}
     model["conv"] += sum(layer.elements for layer in layers if layer.kind == "head")
@@ -431,18 +439,9 @@ def test_memory_model_counts_what_the_real_resnet_makes():
         config = Configuration("classifier", 2, [64, 96], 1, [], {"arch": arch, "width": 16}, [], 0, 1, 1,
                                n_input_channels=3, n_outputs=7)
         net = build_resnet(arch, in_channels=3, n_classes=7, width=16).train()
-        kinds = {torch.nn.Conv2d: "conv", torch.nn.BatchNorm2d: "norm", torch.nn.Linear: "linear",
-                 torch.nn.MaxPool2d: "pool"}
-        counted = dict.fromkeys(kinds.values(), 0)
-
-        def hook(module, inputs, output):
-            counted[kinds[type(module)]] += output.numel()
-
-        for module in net.modules():
-            if type(module) in kinds:
-                module.register_forward_hook(hook)
-        with torch.no_grad():
-            net(torch.zeros(1, 3, 64, 96))
+        counted = _output_elements(net, {torch.nn.Conv2d: "conv", torch.nn.BatchNorm2d: "norm",
+                                         torch.nn.Linear: "linear", torch.nn.MaxPool2d: "pool"},
+                                   torch.zeros(1, 3, 64, 96))
         layers = configuration_layers(config)
         model = {k: sum(layer.elements for layer in layers if layer.kind == k) for k in counted}
         assert model == counted, arch
