@@ -44,6 +44,12 @@ class Configuration:
     field_of_view: dict = field(default_factory=dict)   # {"mode": "fit", "working_size": [H, W]} for images
 
 
+    @property
+    def is_classifier(self) -> bool:
+        """The classifier configuration (a ResNet on whole images), not a U-Net's."""
+        return self.name == "classifier"
+
+
 @dataclass
 class Plan(JsonDataclass):
     dataset: str

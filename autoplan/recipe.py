@@ -14,12 +14,8 @@ from autoplan.nets import autocast
 GRAD_CLIP = 12.0        # gradient-norm clip of every training step (nnU-Net's)
 
 
-def is_classifier(configuration: Configuration) -> bool:
-    return configuration.name == "classifier"
-
-
 def task_type_of(configuration: Configuration) -> str:
-    return "classification" if is_classifier(configuration) else "segmentation"
+    return "classification" if configuration.is_classifier else "segmentation"
 
 
 def build_optimizer(name: str, params, lr: float, task_type: str) -> torch.optim.Optimizer:
@@ -48,7 +44,7 @@ def build_loss(configuration: Configuration, loss_name: str | None = None, label
     from autoplan.nets.unet import deep_supervision_scales
 
     name = loss_name or configuration.loss
-    if is_classifier(configuration):
+    if configuration.is_classifier:
         imbalance = configuration.imbalance or {}
         weights = imbalance.get("class_weights") if imbalance.get("strategy") == "weighted_loss" else None
         return build_classification_loss(name, class_weights=weights, label_smoothing=label_smoothing)
@@ -91,7 +87,7 @@ def synthetic_batch(configuration: Configuration, device, generator: torch.Gener
 
     batch, patch = configuration.batch_size, list(configuration.patch_size)
     data = torch.randn([batch, configuration.n_input_channels, *patch], generator=generator)
-    if is_classifier(configuration):
+    if configuration.is_classifier:
         target = torch.randint(0, configuration.n_outputs, (batch,), generator=generator)
         return data.to(device), target.to(device)
     labels = torch.randint(0, configuration.n_outputs, (batch, 1, *patch), generator=generator).to(device)

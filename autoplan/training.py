@@ -77,7 +77,7 @@ def effective_configuration(configuration: Configuration, options: TrainOptions)
     changes = {}
     network = dict(configuration.network)
     if options.base_features:
-        if configuration.name == "classifier":
+        if configuration.is_classifier:
             network["width"] = int(options.base_features)
         else:
             cap = MAX_FEATURES[configuration.dim]
@@ -100,7 +100,7 @@ def run_name(options: TrainOptions, configuration: Configuration, norm: str) -> 
     """A readable name from the options that shape a result, e.g. ``dice_ce-instance-f32-do0-default``."""
     if options.run_name:
         return options.run_name
-    if configuration.name == "classifier":
+    if configuration.is_classifier:
         parts = [configuration.loss, configuration.network["arch"], f"w{configuration.network.get('width', 64)}"]
     else:
         parts = [configuration.loss, norm, f"f{configuration.network['features_per_stage'][0]}"]

@@ -49,6 +49,7 @@ def train(demo, dataset, **options):
     return Path(runs[0].run_dir), runs[0]
 
 
+@pytest.mark.slow
 def test_run_folder_holds_everything_the_contract_lists(demo):
     run_dir, run = train(demo, "xray", run_name="contract")
     for name in ("plan.json", "checkpoint_best.pt", "checkpoint_final.pt", "log.csv", "curves.png",
@@ -64,6 +65,7 @@ def test_run_folder_holds_everything_the_contract_lists(demo):
     assert spec.fold == 0 and spec.configuration.name == "2d" and set(spec.postprocessing) <= {"1", "2"}
 
 
+@pytest.mark.slow
 def test_ablation_options_each_get_their_own_run_folder(demo):
     variants = [dict(loss="ce"), dict(loss="dice"), dict(dropout=0.2), dict(base_features=8),
                 dict(norm="batch"), dict(augment="light"), dict(optimizer="adam")]
@@ -79,6 +81,7 @@ def test_ablation_options_each_get_their_own_run_folder(demo):
     assert RunSpec.load(run_dirs[1] / "plan.json").configuration.loss == "dice"
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses_on_cpu(demo):
     first = read_log(train(demo, "xray", run_name="seed_a", seed=3)[0])
     second = read_log(train(demo, "xray", run_name="seed_b", seed=3)[0])
@@ -89,6 +92,7 @@ def _cli(*args, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "autoplan", *map(str, args)], **kwargs)
 
 
+@pytest.mark.slow
 def test_kill_minus_nine_then_resume_loses_at_most_one_epoch(demo):
     folders = demo["folders"]
     args = ["train", "DemoXRay", "--epochs", "6", "--iterations-per-epoch", "4", "--workers", "0",
@@ -118,6 +122,7 @@ def test_kill_minus_nine_then_resume_loses_at_most_one_epoch(demo):
     assert run["total_seconds"] >= run["train_seconds"]     # both count the crashed session too
 
 
+@pytest.mark.slow
 def test_time_budget_is_honoured(demo):
     started = time.monotonic()
     # fp32: bf16's first steps build oneDNN kernels (seconds), which leaves a 24 s budget one epoch
@@ -147,6 +152,7 @@ def _train_planned(demo, run_name, **planned):
     return pipeline.train(demo["xray"], demo["folders"], options, plan_result=plan)[0]
 
 
+@pytest.mark.slow
 def test_a_faster_machine_than_planned_uses_the_budget_up_to_the_headroom(demo):
     from autoplan.training import EPOCH_HEADROOM
 
@@ -158,6 +164,7 @@ def test_a_faster_machine_than_planned_uses_the_budget_up_to_the_headroom(demo):
     assert lrs[-1] < lrs[0]
 
 
+@pytest.mark.slow
 def test_epochs_capped_below_the_budget_stay_as_planned(demo):
     # planned at 0.1 s per iteration, two epochs take seconds: a maximum capped them, not the budget
     run = _train_planned(demo, "capped", expected_seconds_per_iteration=0.1)
@@ -173,6 +180,7 @@ def test_two_cores_keep_classifier_augmentation_in_process(monkeypatch):
     assert (_default_workers("classification"), _default_workers("segmentation")) == (2, 2)
 
 
+@pytest.mark.slow
 def test_classification_runs_through_the_same_loop(demo):
     run_dir, run = train(demo, "derm", epochs=2, iterations_per_epoch=4, loss="ce_focal", run_name="cls")
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -182,6 +190,7 @@ def test_classification_runs_through_the_same_loop(demo):
     assert run.precision == resolve_precision(RunSpec.load(run_dir / "plan.json").configuration.precision, "cpu")
 
 
+@pytest.mark.slow
 def test_precision_option_overrides_the_plan_and_names_the_run(demo):
     run_dir, run = train(demo, "derm", epochs=1, iterations_per_epoch=2, precision="fp32")
     assert run_dir.parent.name.endswith("-fp32") and run.precision == "fp32"
@@ -189,6 +198,7 @@ def test_precision_option_overrides_the_plan_and_names_the_run(demo):
     assert "precision" in (run_dir / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_label_smoothing_reaches_the_classification_loss(demo):
     from autoplan.tasks import make_task
 
@@ -202,6 +212,7 @@ def test_label_smoothing_reaches_the_classification_loss(demo):
     assert task.build_loss().label_smoothing == 0.1
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_processes_stay_in_sync(demo):
     folders = demo["folders"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -218,6 +229,7 @@ def test_torchrun_two_gloo_processes_stay_in_sync(demo):
     assert run["parameter_checksums"][0] == pytest.approx(run["parameter_checksums"][1], rel=0, abs=0)
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_jsrt_training_lowers_the_loss_and_segments_the_lungs(tmp_path):
     """40 real chest X-rays, a short CPU run: the loss falls and lung Dice exceeds 0.8."""
@@ -238,6 +250,7 @@ def test_jsrt_training_lowers_the_loss_and_segments_the_lungs(tmp_path):
     assert metrics["mean"]["1"]["dice"] > 0.8, metrics["mean"]
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_ham10000_training_beats_the_majority_class(tmp_path):
     """A few hundred real dermoscopy images: the loss falls, balanced accuracy beats 1/7."""
@@ -272,6 +285,7 @@ def test_ham10000_training_beats_the_majority_class(tmp_path):
     assert metrics["balanced_accuracy"] > 1 / 7 + 0.1, metrics["balanced_accuracy"]
 
 
+@pytest.mark.slow
 def test_sweep_trains_every_combination_and_compares(demo, capsys):
     from autoplan.cli import main
 

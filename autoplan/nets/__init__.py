@@ -21,7 +21,7 @@ def build_network(configuration, norm: str = "instance", dropout: float = 0.0,
     """The untrained network a planned configuration describes: its ResNet for the
     classifier, its U-Net otherwise (with one output per decoder stage when
     ``deep_supervision``, as training uses it)."""
-    if configuration.name == "classifier":
+    if configuration.is_classifier:
         net = configuration.network
         return build_resnet(net["arch"], in_channels=configuration.n_input_channels,
                             n_classes=configuration.n_outputs, width=net.get("width", 64), dropout=dropout,

@@ -149,7 +149,7 @@ def resnet_layers(arch: str, width: int, input_size, in_channels: int, n_classes
 
 
 def configuration_layers(configuration: Configuration) -> list[Layer]:
-    if configuration.name == "classifier":
+    if configuration.is_classifier:
         net = configuration.network
         return resnet_layers(net["arch"], int(net.get("width", 64)), configuration.patch_size,
                              configuration.n_input_channels, configuration.n_outputs)
@@ -238,7 +238,7 @@ def estimate_seconds_per_iteration(configuration: Configuration, device: str = "
 
 def network_family(configuration: Configuration) -> str:
     """Which calibrated CPU rate applies: 'unet3d', 'unet2d', 'resnet_basic' or 'resnet_bottleneck'."""
-    if configuration.name == "classifier":
+    if configuration.is_classifier:
         return "resnet_" + CLASSIFIER_ARCHS[configuration.network["arch"]][0]
     return "unet3d" if configuration.dim == 3 else "unet2d"
 

@@ -6,7 +6,7 @@ from autoplan.artifacts import Configuration, Plan
 from autoplan.planning.cost import (CPU_CONV_GFLOPS, CPU_ELEMENT_NS, CPU_REFERENCE_THREADS, GPU_CONV_TFLOPS,
                                         available_cores, base_width, network_family)
 from autoplan.planning.probe import PROBE_TIMED, PROBE_WARMUP, SpeedModel
-from autoplan.planning.schedule import MIN_ITERATIONS, VAL_ITERATION_COST, Candidate, Schedule, loader_overhead
+from autoplan.planning.schedule import MIN_ITERATIONS, Candidate, Schedule, epoch_seconds, loader_overhead
 from autoplan.planning.topology import MAX_FEATURES, MIN_FEATURE_MAP
 
 
@@ -83,8 +83,8 @@ def schedule_reason(schedule: Schedule, budget_minutes: float | None, assumed: b
     if budget_minutes is None:
         return (f"nnU-Net's schedule: {schedule.epochs} epochs x {schedule.iterations_per_epoch} "
                 f"iterations, {schedule.val_iterations_per_epoch} validation iterations per epoch")
-    total = schedule.epochs * schedule.seconds_per_iteration * (
-        schedule.iterations_per_epoch + VAL_ITERATION_COST * schedule.val_iterations_per_epoch)
+    total = schedule.epochs * epoch_seconds(schedule.seconds_per_iteration, schedule.iterations_per_epoch,
+                                            schedule.val_iterations_per_epoch)
     head = (f"no time budget given: CPU default = the plan for {budget_minutes:g} minutes"
             if assumed else f"time budget {budget_minutes:g} min")
     reserve = budget_minutes * 60 - schedule.training_seconds

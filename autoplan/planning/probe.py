@@ -150,7 +150,7 @@ class SpeedModel:
         if family not in self.ratios:
             # Classifier candidates share one batch size, so the probe measures that batch
             # (CPU time per sample at batch 2 is far from that at 32); U-Net batches vary.
-            batch = configuration.batch_size if configuration.name == "classifier" else MIN_BATCH
+            batch = configuration.batch_size if configuration.is_classifier else MIN_BATCH
             reference = replace(configuration, batch_size=batch)
             measured = self._measure(reference)
             if measured is None:

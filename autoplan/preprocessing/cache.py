@@ -32,7 +32,7 @@ def preprocessing_stamp(configuration, source_files) -> str:
         "dim": configuration.dim,
         "spacing": configuration.spacing,
         "normalization": configuration.normalization,
-        "patch_size": configuration.patch_size if configuration.name == "classifier" else None,
+        "patch_size": configuration.patch_size if configuration.is_classifier else None,
         "n_input_channels": configuration.n_input_channels,
         "sources": [_file_signature(path) for path in source_files],
     }
