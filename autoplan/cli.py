@@ -96,7 +96,8 @@ def _add_train_options(parser):
 
 def _add_model_folder(parser):
     """predict and evaluate: the trained model and how it runs."""
-    parser.add_argument("--model", required=True, type=Path, help="fold_K folder, or its parent (ensemble)")
+    parser.add_argument("--model", required=True, type=Path,
+                        help="fold_K folder, its parent (ensemble), or a model package .zip (export-model)")
     parser.add_argument("--no-tta", action="store_true", help="switch off test-time augmentation")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="cpu", help="where the network runs")
 
@@ -265,6 +266,34 @@ def run_evaluate(args):
     print(pipeline.describe_headline(headline_metrics(metrics)))
 
 
+def _export_arguments(parser):
+    parser.add_argument("model", type=Path, help="run folder (every fold_K inside it) or one fold_K folder")
+    parser.add_argument("output", type=Path, help="the package to write, OUT.zip")
+    parser.add_argument("--weights", choices=["best", "final"], default="best",
+                        help="best: the checkpoint with the best smoothed validation score (default); final: the last")
+
+
+def _import_model_arguments(parser):
+    parser.add_argument("package", type=Path, help="a model package .zip written by export-model")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run folder of the same name")
+    _add_folders(parser, raw=False, preprocessed=False)
+
+
+def run_export_model(args):
+    from autoplan.inference.package import export_model
+
+    manifest = export_model(args.model, args.output, weights=args.weights)
+    print(f"wrote {args.output}: {manifest['dataset']} {manifest['configuration']} {manifest['run']}, "
+          f"{len(manifest['folds'])} fold(s), {manifest['weights']} weights")
+
+
+def run_import_model(args):
+    from autoplan.inference.package import import_model
+
+    run_dir = import_model(args.package, _folders(args).results, overwrite=args.overwrite)
+    print(f"imported {args.package} -> {run_dir} (autoplan predict --model {run_dir} ...)")
+
+
 def run_compare(args):
     print(pipeline.compare(args.runs, args.output))
 
@@ -315,6 +344,12 @@ COMMANDS = {
     "evaluate": Command("predict a labelled dataset and write metrics.json + report.html",
                         "autoplan evaluate --model results/TaskXRay/2d/RUN --dataset TaskXRayExternal",
                         _evaluate_arguments, run_evaluate),
+    "export-model": Command("write a trained run as one model package .zip (plans, weights, checksums)",
+                            "autoplan export-model results/TaskXRay/2d/RUN xray_model.zip",
+                            _export_arguments, run_export_model),
+    "import-model": Command("unpack a model package into RESULTS/NAME/CFG/RUN",
+                            "autoplan import-model xray_model.zip --results results/",
+                            _import_model_arguments, run_import_model),
     "compare": Command("side-by-side Markdown table of runs", "autoplan compare results/TaskXRay/2d/*/fold_0",
                        _compare_arguments, run_compare),
     "sweep": Command("train every combination of options, then compare",

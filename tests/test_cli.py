@@ -12,8 +12,8 @@ from PIL import Image
 from autoplan.cli import COMMANDS, build_parser, main
 from autoplan.pipeline import SWEEPABLE
 
-EXPECTED = {"import", "fingerprint", "plan", "train", "plan-and-train", "predict", "evaluate", "compare",
-            "sweep", "demo"}
+EXPECTED = {"import", "fingerprint", "plan", "train", "plan-and-train", "predict", "evaluate", "export-model",
+            "import-model", "compare", "sweep", "demo"}
 
 
 def test_help_lists_every_command():
@@ -184,7 +184,9 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_case(tmp_
     (tmp_path / "locked").mkdir()
     monkeypatch.setattr(inference.os, "access", lambda path, mode: False)   # as a non-root user would see it
     computed = []
-    monkeypatch.setattr(inference, "predict_case_probabilities", lambda *a, **k: computed.append(a))
+    from autoplan.inference import predictor
+
+    monkeypatch.setattr(predictor, "predict_case_probabilities", lambda *a, **k: computed.append(a))
     assert main(["predict", "--model", str(model), "--input", str(inputs), "--output",
                  str(tmp_path / "locked" / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -14,7 +14,7 @@ from autoplan.evaluation import (classification_metrics, segmentation_case_metri
                                  summarize_segmentation)
 from autoplan.inference.classification import gradcam_samples, pick_gradcam_indices
 from autoplan.inference.inputs import InputCase, mask_ending, read_case
-from autoplan.inference.models import load_ensemble
+from autoplan.inference.predictor import Predictor
 from autoplan.inference.predict import (PredictionSession, classify_cases, predictions_csv, progress, segment_case,
                                         torch_threads)
 from autoplan.io import read_case_images, read_case_labels, read_image, write_image
@@ -131,8 +131,8 @@ def evaluate_dataset(model_dir, dataset, output_dir=None, tta: bool = True, devi
     """
     output_dir = Path(output_dir) if output_dir is not None else Path(model_dir) / dataset.name
     with torch_threads(n_jobs):
-        ensemble = load_ensemble(model_dir, device)
-        spec = ensemble.spec
+        predictor = Predictor.load(model_dir, device, tta)
+        spec = predictor.spec
         if dataset.task_type != spec.task_type:
             raise InputError(dataset.root, f"is a {dataset.task_type} dataset; the model does {spec.task_type}")
         if not dataset.cases:
@@ -140,4 +140,4 @@ def evaluate_dataset(model_dir, dataset, output_dir=None, tta: bool = True, devi
         check, evaluate = _EVALUATE_BY_TASK[spec.task_type]
         check(spec, dataset)
         output_dir.mkdir(parents=True, exist_ok=True)
-        return evaluate(PredictionSession(ensemble, tta, device), dataset, output_dir)
+        return evaluate(PredictionSession(predictor), dataset, output_dir)

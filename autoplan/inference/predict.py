@@ -20,10 +20,9 @@ from tqdm.auto import tqdm
 
 from autoplan import preprocessing
 from autoplan.errors import InputError
-from autoplan.inference.classification import classify_pixels
 from autoplan.inference.inputs import InputCase, group_input_cases, mask_path, read_case, say_what_is_skipped
-from autoplan.inference.models import Ensemble, load_ensemble
-from autoplan.inference.segmentation import apply_postprocessing, predict_case_probabilities, probabilities_to_labels
+from autoplan.inference.models import Ensemble
+from autoplan.inference.predictor import Predictor
 from autoplan.io import list_image_files, write_image
 from autoplan.jsonio import atomic_write_bytes, atomic_write_text
 from autoplan.parallel import progress_enabled
@@ -34,14 +33,25 @@ CLASSIFICATION_BATCH = 16
 
 @dataclass
 class PredictionSession:
-    """One predict or evaluate command: the loaded folds, how to predict, what went wrong so far."""
+    """One predict or evaluate command: the model (the Python API's ``Predictor``, so files and
+    arrays are predicted by the same code), what to write, what went wrong so far."""
 
-    ensemble: Ensemble
-    tta: bool
-    device: object
+    predictor: Predictor
     save_probabilities: bool = False
     reasons: dict | None = None     # {case name: [quality reason]}; None: no quality reference
     failures: list = field(default_factory=list)   # one line per case that failed
+
+    @property
+    def ensemble(self) -> Ensemble:
+        return self.predictor.ensemble
+
+    @property
+    def tta(self) -> bool:
+        return self.predictor.tta
+
+    @property
+    def device(self):
+        return self.predictor.device
 
     def fail(self, case: InputCase, error: Exception) -> None:
         """Note a case that failed and go on: one bad file must not stop the others."""
@@ -92,10 +102,7 @@ def check_output_folder(input_dir: Path, output_dir: Path) -> None:
 
 def segment_case(session: PredictionSession, image, case_id: str) -> tuple:
     """(label map after the run's post-processing, probabilities) of one case, in its own grid."""
-    spec = session.ensemble.spec
-    probabilities, _ = predict_case_probabilities(session.ensemble.networks, spec, image, session.tta,
-                                                  session.device, case_id)
-    return apply_postprocessing(probabilities_to_labels(probabilities, spec), spec.postprocessing), probabilities
+    return session.predictor.segment(image, case_id)
 
 
 def classify_cases(session: PredictionSession, cases: list, desc: str):
@@ -123,8 +130,7 @@ def classify_cases(session: PredictionSession, cases: list, desc: str):
             except Exception as error:  # noqa: BLE001 - one bad file must not stop the others
                 session.fail(case, error)
         if pixels:
-            yield from zip(chunk, classify_pixels(session.ensemble.networks, np.stack(pixels), configuration,
-                                                  session.tta, session.device))
+            yield from zip(chunk, session.predictor.classify_pixels(np.stack(pixels)))
         bar.update(len(cases[first:first + CLASSIFICATION_BATCH]))
     bar.close()
 
@@ -250,11 +256,11 @@ def predict_folder(model_dir, input_dir, output_dir, tta: bool = True, device="c
     check_output_folder(input_dir, output_dir)
     cases = _input_cases(input_dir)
     with torch_threads(n_jobs):
-        ensemble = load_ensemble(model_dir, device)
-        session = PredictionSession(ensemble, tta, device, save_probabilities, reasons=_quality_reasons(ensemble))
+        predictor = Predictor.load(model_dir, device, tta)
+        session = PredictionSession(predictor, save_probabilities, reasons=_quality_reasons(predictor.ensemble))
         started = time.perf_counter()
         output_dir.mkdir(parents=True, exist_ok=True)
-        written, n_done, qc_path = _PREDICT_BY_TASK[ensemble.spec.task_type](session, cases, output_dir)
+        written, n_done, qc_path = _PREDICT_BY_TASK[predictor.task_type](session, cases, output_dir)
     summary = _summary(session, len(cases), written, n_done, qc_path, time.perf_counter() - started)
     if session.failures:
         raise InputError(input_dir, f"{len(session.failures)} of {len(cases)} case(s) failed (the others "

@@ -1,0 +1,112 @@
+"""The Python API: a trained model predicting arrays in memory.
+
+    from autoplan import Predictor
+
+    predictor = Predictor.load("results/TaskXRay/2d/RUN", device="cpu")   # a run, a fold or a .zip
+    labels = predictor.predict(image_array, spacing=(1.0, 1.0))           # segmentation
+    labels, probabilities = predictor.predict(volume, spacing=(3.0, 0.8, 0.8), return_probabilities=True)
+    probabilities = predictor.classify([photo_hwc, other_photo_hwc])       # classification
+
+``autoplan predict`` and ``autoplan evaluate`` predict through the same object, so arrays
+given here get exactly what a folder of files gets: preprocessing as in training, the folds'
+ensemble, mirroring TTA, resampling back to the input grid and the run's post-processing.
+"""
+
+import numpy as np
+import torch
+
+from autoplan.errors import InputError
+from autoplan.inference.classification import classify_pixels
+from autoplan.inference.models import Ensemble, load_ensemble
+from autoplan.inference.segmentation import apply_postprocessing, predict_case_probabilities, probabilities_to_labels
+from autoplan.io import ImageData
+from autoplan.preprocessing import load_classification_image
+
+
+class Predictor:
+    """The folds of one trained run, ready to predict (nnU-Net's ``nnUNetPredictor``)."""
+
+    def __init__(self, ensemble: Ensemble, device="cpu", tta: bool = True):
+        self.ensemble, self.tta = ensemble, tta
+        self.device = torch.device(device) if isinstance(device, str) else device
+
+    @classmethod
+    def load(cls, path, device="cpu", tta: bool = True) -> "Predictor":
+        """A run folder (every fold_K inside it, as an ensemble), one fold_K folder, or a model
+        package written by ``autoplan export-model``. Weights load as data (no unpickling)."""
+        return cls(load_ensemble(path, device), device, tta)
+
+    @property
+    def spec(self):
+        return self.ensemble.spec
+
+    @property
+    def task_type(self) -> str:
+        return self.spec.task_type
+
+    @property
+    def labels(self) -> dict:
+        """{label name: id} of a segmentation model."""
+        return dict(self.spec.labels)
+
+    @property
+    def classes(self) -> list:
+        """Class names of a classifier, in the order of ``classify``'s columns."""
+        return list(self.spec.classes or [])
+
+    # -- segmentation ---------------------------------------------------------------------
+    def predict(self, array, spacing=None, return_probabilities: bool = False):
+        """Label map of one image given as an array: ``(C, [Z,] Y, X)`` channel-first, or
+        ``([Z,] Y, X)`` for a one-channel model; ``spacing`` per spatial axis in the same
+        (array) order, in mm (default 1.0, as for images that store none). Returns the label
+        map in the input's grid, or ``(labels, probabilities (K, ...))``."""
+        self._require("segmentation")
+        labels, probabilities = self.segment(self._image(array, spacing))
+        return (labels, probabilities) if return_probabilities else labels
+
+    def segment(self, image: ImageData, case_id: str = "case") -> tuple:
+        """(label map after the run's post-processing, probabilities) of an ``ImageData``."""
+        self._require("segmentation")
+        probabilities, _ = predict_case_probabilities(self.ensemble.networks, self.spec, image, self.tta,
+                                                      self.device, case_id)
+        labels = apply_postprocessing(probabilities_to_labels(probabilities, self.spec), self.spec.postprocessing)
+        return labels, probabilities
+
+    def _image(self, array, spacing) -> ImageData:
+        array = np.asarray(array)
+        dim = self.spec.configuration.dim
+        if array.ndim == dim and self.spec.configuration.n_input_channels == 1:
+            array = array[None]
+        if array.ndim != dim + 1 or array.shape[0] != self.spec.configuration.n_input_channels:
+            raise InputError(None, f"array of shape {array.shape}: this {dim}D model takes "
+                                   f"({self.spec.configuration.n_input_channels}, {'Z, ' if dim == 3 else ''}Y, X)")
+        spacing = tuple(float(s) for s in (spacing if spacing is not None else [1.0] * dim))
+        if len(spacing) != dim or not all(s > 0 for s in spacing):
+            raise InputError(None, f"spacing {spacing}: give {dim} positive values in array axis order")
+        return ImageData(array=array, spacing=spacing, source_format="array")
+
+    # -- classification -------------------------------------------------------------------
+    def classify(self, images) -> np.ndarray:
+        """Decision probabilities ``(N, K)`` (columns: ``classes``) of images given as arrays
+        ``(H, W)`` grey or ``(H, W, C)`` colour, any size (resized as training resized)."""
+        self._require("classification")
+        pixels = [load_classification_image(self._photo(image), self.spec.configuration) for image in images]
+        return self.classify_pixels(np.stack(pixels))
+
+    def classify_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Decision probabilities of images already at the input size, uint8 ``(N, H, W, C)``."""
+        self._require("classification")
+        return classify_pixels(self.ensemble.networks, pixels, self.spec.configuration, self.tta, self.device)
+
+    @staticmethod
+    def _photo(image) -> ImageData:
+        array = np.asarray(image)
+        if array.ndim == 2:
+            array = array[..., None]
+        if array.ndim != 3:
+            raise InputError(None, f"image of shape {array.shape}: give (H, W) or (H, W, C)")
+        return ImageData(array=np.moveaxis(array, -1, 0), spacing=(1.0, 1.0), source_format="array")
+
+    def _require(self, task_type: str) -> None:
+        if self.task_type != task_type:
+            raise InputError(self.ensemble.fold_dirs[0], f"is a {self.task_type} model, not a {task_type} one")
