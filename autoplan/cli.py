@@ -41,6 +41,8 @@ def _add_folders(parser, raw=True, preprocessed=True, results=True):
 def _add_plan_options(parser):
     parser.add_argument("--gpu-memory", type=float, default=None, help="GPU memory budget in GB to plan for")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default=None, help="device to plan/train for")
+    parser.add_argument("--plan-from", default=None, metavar="RUN",
+                        help="keep this run's configuration (network, patch, normalisation) so --init-from RUN fits")
     parser.add_argument("--time-budget", type=float, default=None, help="minutes (wall clock) for training and "
                         "final validation; the planner sizes network and schedule to it")
     parser.add_argument("--field-of-view", choices=["auto", "fit", "pixels"], default="auto",
@@ -76,6 +78,8 @@ def _add_run_options(parser):
     parser.add_argument("--config", default=None, help="configuration from plans.json (default: the plan's)")
     parser.add_argument("--fold", default="0", help="fold 0-4, or 'all'")
     parser.add_argument("--pretrained", default=None, help="local state dict in torchvision ResNet layout")
+    parser.add_argument("--init-from", default=None, metavar="RUN",
+                        help="start from this run's weights (run, fold_K folder or model .zip; fine-tuning)")
     parser.add_argument("--epochs", type=int, default=None, help="default: the plan's (fitted to the budget)")
     parser.add_argument("--iterations-per-epoch", type=int, default=None, help="default: the plan's")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
@@ -194,7 +198,8 @@ def _folders(args):
 
 def _run_options(args) -> dict:
     """TrainOptions fields from the options train and sweep share."""
-    return dict(configuration=args.config, fold=args.fold, pretrained=args.pretrained, epochs=args.epochs,
+    return dict(configuration=args.config, fold=args.fold, pretrained=args.pretrained, init_from=args.init_from,
+                epochs=args.epochs,
                 iterations_per_epoch=args.iterations_per_epoch, time_budget_minutes=args.time_budget,
                 overwrite=args.overwrite, device=args.device or "auto", seed=args.seed, n_jobs=args.n_jobs,
                 n_workers=args.workers)
@@ -229,7 +234,8 @@ def run_plan(args):
     folders = _folders(args)
     result = pipeline.plan(pipeline.open_dataset(args.name, folders), folders, device=args.device,
                            gpu_memory_gb=args.gpu_memory, time_budget_minutes=args.time_budget,
-                           base_features=args.base_features, n_jobs=args.n_jobs, field_of_view=args.field_of_view)
+                           base_features=args.base_features, n_jobs=args.n_jobs, field_of_view=args.field_of_view,
+                           plan_from=args.plan_from)
     print(format_plan_table(result))
     print(f"wrote {plans_file(folders.results, args.name)}")
 
@@ -244,7 +250,7 @@ def run_plan_and_train(args):
     folders = _folders(args)
     runs = pipeline.plan_and_train(pipeline.open_dataset(args.name, folders), folders, _train_options(args),
                                    device=args.device, gpu_memory_gb=args.gpu_memory,
-                                   field_of_view=args.field_of_view)
+                                   field_of_view=args.field_of_view, plan_from=args.plan_from)
     print(pipeline.describe_runs(runs))
 
 

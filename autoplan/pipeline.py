@@ -36,10 +36,11 @@ def fingerprint(dataset: Dataset, folders: Folders, force=False, n_jobs=None):
 
 
 def plan(dataset: Dataset, folders: Folders, device=None, gpu_memory_gb=None,
-         time_budget_minutes=None, base_features=None, n_jobs=None, field_of_view="auto") -> Plan:
+         time_budget_minutes=None, base_features=None, n_jobs=None, field_of_view="auto", plan_from=None) -> Plan:
     """Fingerprint (cached) then plan; writes RESULTS/NAME/plans.json.
 
     ``device=None`` plans for the device training will pick: the GPU when there is one.
+    ``plan_from`` (a run) makes that run's configuration the default one (fine-tuning).
     """
     from autoplan.planning import cuda_available, plan_dataset
 
@@ -49,6 +50,10 @@ def plan(dataset: Dataset, folders: Folders, device=None, gpu_memory_gb=None,
     result = plan_dataset(dataset, dataset_fingerprint, device=device, gpu_memory_gb=gpu_memory_gb,
                           time_budget_minutes=time_budget_minutes, results_dir=folders.results,
                           field_of_view=field_of_view, **widths)
+    if plan_from:
+        from autoplan.finetune import plan_from_source
+
+        result = plan_from_source(result, plan_from)
     result.save(plans_file(folders.results, dataset.name))
     return result
 
@@ -67,10 +72,11 @@ def train(dataset: Dataset, folders: Folders, options: TrainOptions, plan_result
 
 
 def plan_and_train(dataset: Dataset, folders: Folders, options: TrainOptions, device=None,
-                   gpu_memory_gb=None, field_of_view="auto") -> list:
+                   gpu_memory_gb=None, field_of_view="auto", plan_from=None) -> list:
     planned = plan(dataset, folders, device=device, gpu_memory_gb=gpu_memory_gb,
                    time_budget_minutes=options.time_budget_minutes,
-                   base_features=options.base_features, n_jobs=options.n_jobs, field_of_view=field_of_view)
+                   base_features=options.base_features, n_jobs=options.n_jobs, field_of_view=field_of_view,
+                   plan_from=plan_from)
     return train(dataset, folders, options, planned)
 
 

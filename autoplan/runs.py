@@ -31,6 +31,7 @@ class TrainOptions:
     lr: float | None = None
     batch_size: int | None = None
     pretrained: str | None = None
+    init_from: str | None = None         # a run (or fold, or model .zip) whose weights training starts from
     epochs: int | None = None
     iterations_per_epoch: int | None = None
     time_budget_minutes: float | None = None

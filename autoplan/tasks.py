@@ -38,6 +38,14 @@ class _Task:
         self.dataset = raw_dataset
         self.n_workers = _default_workers(spec.task_type) if n_workers is None else n_workers
 
+    def _initialise(self, network):
+        """Fine-tuning: the source run's weights (``--init-from``) in the fresh network."""
+        if self.spec.options.init_from:
+            from autoplan.finetune import init_from
+
+            print(init_from(network, self.spec, self.spec.options.init_from))
+        return network
+
 
 class SegmentationTask(_Task):
     metric = "dice"             # the headline validation metric (pseudo-Dice on patches)
@@ -48,7 +56,7 @@ class SegmentationTask(_Task):
 
     # -- model and loss ---------------------------------------------------------------
     def build_network(self):
-        return build_network(self.spec, deep_supervision=True)
+        return self._initialise(build_network(self.spec, deep_supervision=True))
 
     def build_loss(self):
         from autoplan.nets.unet import deep_supervision_scales
@@ -169,7 +177,7 @@ class ClassificationTask(_Task):
             from autoplan.nets.resnet import load_pretrained
 
             load_pretrained(network, self.spec.options.pretrained, len(self.classes))
-        return network
+        return self._initialise(network)
 
     def build_loss(self):
         self._loss = build_loss(self.configuration, self.spec.options.loss,

@@ -117,6 +117,8 @@ def run_name(options: TrainOptions, configuration: Configuration, norm: str) -> 
         parts.append(f"ep{options.epochs}")
     if options.pretrained:
         parts.append("pretrained")
+    if options.init_from:
+        parts.append("init")
     if options.seed:
         parts.append(f"seed{options.seed}")
     if options.precision:
@@ -140,6 +142,10 @@ def train(dataset: Dataset, plan: Plan, options: TrainOptions, folders: Folders)
         distributed.barrier()          # rank 0 preprocesses and splits first; the others then reuse it
     splits = load_or_create_splits(dataset, folders.results)
     folds = folds_to_train(options.fold, len(splits))   # before preprocessing: a typo costs nothing
+    if options.init_from:
+        from autoplan.finetune import source_spec
+
+        source_spec(options.init_from)     # a missing or unreadable source fails before preprocessing too
     refuse_earlier_runs(dataset, plan.configurations[configuration_name], options, folders, folds)
     preprocessed_dir = preprocess_dataset(dataset, plan, configuration_name, folders.preprocessed,
                                           n_jobs=options.n_jobs)
