@@ -13,7 +13,7 @@ from pathlib import Path
 
 from autoplan.artifacts import Plan
 from autoplan.errors import InputError
-from autoplan.inference.package import is_package, open_package
+from autoplan.inference.package import model_folder
 from autoplan.paths import fold_folders
 from autoplan.runs import RunSpec, best_checkpoint, load_checkpoint
 
@@ -22,8 +22,7 @@ OUTPUT_LAYERS = ("heads.", "fc.")
 
 def source_spec(source) -> tuple:
     """(fold folder, RunSpec) of the source run's first fold."""
-    folder = open_package(source) if is_package(source) else source
-    fold = fold_folders(folder)[0]
+    fold = fold_folders(model_folder(source))[0]
     return fold, RunSpec.load(fold / "plan.json")
 
 

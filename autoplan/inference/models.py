@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from autoplan.errors import InputError
-from autoplan.inference.package import is_package, open_package
+from autoplan.inference.package import model_folder
 from autoplan.nets import autocast
 from autoplan.paths import fold_folders
 from autoplan.runs import RunSpec, load_trained
@@ -31,9 +31,7 @@ def _can_ensemble(spec: RunSpec, first: RunSpec) -> bool:
 def load_ensemble(model_dir, device="cpu") -> Ensemble:
     """Every fold of ``model_dir`` (a fold_K folder, its parent, or a model package .zip),
     checked to agree."""
-    if is_package(model_dir):
-        model_dir = open_package(model_dir)
-    folds = fold_folders(model_dir)
+    folds = fold_folders(model_folder(model_dir))
     specs, networks = [], []
     for fold in folds:
         spec, network = load_trained(fold, device=device)

@@ -12,6 +12,7 @@ loading (``runs.load_checkpoint``): a package from someone else is data, never c
 """
 
 import atexit
+import functools
 import hashlib
 import io
 import json
@@ -153,6 +154,17 @@ def _check_weights(path: Path, folder: Path, members: dict) -> None:
                 load_checkpoint(folder / name)
             except InputError as error:
                 raise InputError(path, f"{name} {error.problem}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _unpacked(path: Path) -> Path:
+    return open_package(path)
+
+
+def model_folder(path) -> Path:
+    """The folder to read a model from: ``path`` itself, or a package's unpacked private folder
+    (checked and unpacked once per process, however many stages ask)."""
+    return _unpacked(Path(path).resolve()) if is_package(path) else Path(path)
 
 
 def open_package(path) -> Path:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from autoplan.artifacts import Configuration
-from autoplan.planning.cost import CLASSIFIER_ARCHS, estimate_training_memory_gb, ram_limit_gb
+from autoplan.planning.cost import CLASSIFIER_ARCHS, estimate_training_memory_gb, planned_memory_gb, ram_limit_gb
 from autoplan.planning.explain import (cpu_memory_reason, precision_reason, schedule_reason, speed_reason,
                                            tradeoff_text)
 from autoplan.planning.probe import planned_precision
@@ -224,8 +224,7 @@ def plan_classifier(dataset, fingerprint, context: PlanningContext) -> Configura
     request = classifier_request(dataset, fingerprint)
     planner = _plan_for_cpu if context.device == "cpu" else _plan_for_gpu
     config, schedule, seen, reasons = planner(request, context)
-    memory = estimate_training_memory_gb(config, "fp32", "cpu") if context.device == "cpu" else \
-        estimate_training_memory_gb(config, "fp16", "cuda")
+    memory = planned_memory_gb(config, context.device)
     config = replace(config, estimated_memory_gb=round(memory, 3), epochs=schedule.epochs,
                      iterations_per_epoch=schedule.iterations_per_epoch,
                      val_iterations_per_epoch=schedule.val_iterations_per_epoch,

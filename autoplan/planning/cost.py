@@ -206,6 +206,13 @@ def estimate_training_memory_gb(configuration: Configuration, precision: str = "
     return total + (CUDA_CONTEXT_GB if device == "cuda" else 0.0)
 
 
+def planned_memory_gb(configuration: Configuration, device: str) -> float:
+    """What a plan records for ``device``: fp32 tensors on a CPU, mixed precision with the CUDA
+    context on a GPU."""
+    return estimate_training_memory_gb(configuration, "fp32", "cpu") if device == "cpu" else \
+        estimate_training_memory_gb(configuration, "fp16", "cuda")
+
+
 def training_flops(configuration: Configuration) -> float:
     """Forward + backward FLOPs of one iteration (backward ~ 2x forward)."""
     layers = configuration_layers(configuration)

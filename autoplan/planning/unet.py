@@ -10,7 +10,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from autoplan.artifacts import Configuration
-from autoplan.planning.cost import CUDA_CONTEXT_GB, base_width, estimate_training_memory_gb, ram_limit_gb
+from autoplan.planning.cost import (CUDA_CONTEXT_GB, base_width, estimate_training_memory_gb, planned_memory_gb,
+                                    ram_limit_gb)
 from autoplan.planning.explain import (cpu_memory_reason, network_reason, patch_reason, precision_reason,
                                        schedule_reason, speed_reason, tradeoff_text)
 from autoplan.planning.probe import planned_precision
@@ -208,9 +209,7 @@ def plan_unet_configuration(request: UNetRequest, context: PlanningContext, norm
     """The U-Net configuration of ``request`` for ``context``, with its schedule and reasons."""
     planner = _plan_for_cpu if context.device == "cpu" else _plan_for_gpu
     config, schedule, seen, reasons = planner(request, context)
-    device = "cpu" if context.device == "cpu" else "cuda"
-    memory = estimate_training_memory_gb(config, "fp32", "cpu") if device == "cpu" else \
-        estimate_training_memory_gb(config, "fp16", "cuda")
+    memory = planned_memory_gb(config, context.device)
     precision = planned_precision(context.device)
     reasons.update({
         "spacing": f"{config.spacing}",
