@@ -1,10 +1,13 @@
-"""The artifacts of planning that later stages read: a :class:`Plan` of configurations.
+"""The artifacts later stages read: a :class:`Plan` of configurations (planning) and the
+:class:`BestChoice` of ``autoplan find-best`` (``RESULTS/NAME/best.json``).
 
-Kept apart from the planner (``autoplan.planning``) so that training, inference and the run
-folder (``autoplan.runs``) can read a plan without importing the code that makes one.
+Kept apart from the code that makes them (``autoplan.planning``, ``autoplan.selection``) so
+that training, inference and the run folder (``autoplan.runs``) can read them without
+importing that code.
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from autoplan.jsonio import JsonDataclass
 
@@ -60,3 +63,53 @@ class Plan(JsonDataclass):
     configurations: dict[str, Configuration]
     default_configuration: str
     notes: list = field(default_factory=list)       # planner-level observations (added field)
+
+
+BEST_FILE = "best.json"
+
+
+@dataclass
+class Member:
+    """One trained run a choice uses: ``RESULTS/NAME/CONFIGURATION/RUN`` (its folds ensembled)."""
+
+    configuration: str
+    run: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.configuration}/{self.run}"
+
+    def folder(self, dataset_results) -> Path:
+        return Path(dataset_results) / self.configuration / self.run
+
+
+@dataclass
+class CandidateScore:
+    """One configuration, or one pair's ensemble, scored on the out-of-fold predictions."""
+
+    members: list[Member]
+    score: float                      # mean foreground Dice, or balanced accuracy
+    per_label: dict                   # {label or class name: mean Dice or recall}
+    postprocessing: dict = field(default_factory=dict)    # {label id str: keep largest component}
+    score_postprocessed: float | None = None              # the score with that post-processing
+
+    @property
+    def label(self) -> str:
+        return " + ".join(member.label for member in self.members)
+
+
+@dataclass
+class BestChoice(JsonDataclass):
+    """best.json: every candidate's scores (best first), what was chosen and why; what
+    ``predict --model RESULTS/NAME`` and ``export-model RESULTS/NAME`` follow."""
+
+    dataset: str
+    task_type: str
+    metric: str                       # 'mean_foreground_dice' | 'balanced_accuracy'
+    folds: list[int]
+    n_cases: int
+    tta: bool
+    candidates: list[CandidateScore]
+    chosen: CandidateScore
+    excluded: dict = field(default_factory=dict)          # {member label: why it was not compared}
+    reason: str = ""

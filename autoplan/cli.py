@@ -148,6 +148,28 @@ def _train_arguments(parser):
 def _plan_and_train_arguments(parser):
     _add_train_options(parser)
     _add_plan_options(parser)
+    parser.add_argument("--find-best", action="store_true",
+                        help="train every configuration on the folds the budget allows, then find-best")
+    _add_folders(parser)
+
+
+def _fold_list(text: str) -> list:
+    folds = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in folds):
+        raise argparse.ArgumentTypeError(f"{text!r}: give fold numbers separated by commas, e.g. 0,1,2")
+    return [int(part) for part in folds]
+
+
+def _find_best_arguments(parser):
+    parser.add_argument("name", help=NAME_HELP)
+    parser.add_argument("--folds", default=None, type=_fold_list,
+                        help="comma-separated folds to compare on (default: every fold of splits.json)")
+    parser.add_argument("--train-missing", action="store_true",
+                        help="first train the folds a run lacks, with that run's options")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="minutes for each fold --train-missing trains (default: the run's own)")
+    parser.add_argument("--no-tta", action="store_true", help="switch off test-time augmentation")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="cpu", help="where the networks run")
     _add_folders(parser)
 
 
@@ -248,10 +270,29 @@ def run_train(args):
 
 def run_plan_and_train(args):
     folders = _folders(args)
+    if args.find_best:
+        return run_plan_train_and_find_best(args, folders)
     runs = pipeline.plan_and_train(pipeline.open_dataset(args.name, folders), folders, _train_options(args),
                                    device=args.device, gpu_memory_gb=args.gpu_memory,
                                    field_of_view=args.field_of_view, plan_from=args.plan_from)
     print(pipeline.describe_runs(runs))
+
+
+def run_plan_train_and_find_best(args, folders):
+    split, runs, choice = pipeline.plan_train_and_find_best(
+        pipeline.open_dataset(args.name, folders), folders, _train_options(args), device=args.device,
+        gpu_memory_gb=args.gpu_memory, field_of_view=args.field_of_view)
+    print(f"budget: {split.reason}")
+    print(pipeline.describe_runs(runs))
+    print(pipeline.describe_choice(choice, folders))
+
+
+def run_find_best(args):
+    folders = _folders(args)
+    choice = pipeline.find_best(pipeline.open_dataset(args.name, folders), folders, folds=args.folds,
+                                tta=not args.no_tta, device=args.device, train_missing=args.train_missing,
+                                time_budget_minutes=args.time_budget, n_jobs=args.n_jobs)
+    print(pipeline.describe_choice(choice, folders))
 
 
 def run_predict(args):
@@ -273,7 +314,8 @@ def run_evaluate(args):
 
 
 def _export_arguments(parser):
-    parser.add_argument("model", type=Path, help="run folder (every fold_K inside it) or one fold_K folder")
+    parser.add_argument("model", type=Path, help="run folder (every fold_K inside it), one fold_K folder, or "
+                                                 "RESULTS/NAME with find-best's best.json (its choice)")
     parser.add_argument("output", type=Path, help="the package to write, OUT.zip")
     parser.add_argument("--weights", choices=["best", "final"], default="best",
                         help="best: the checkpoint with the best smoothed validation score (default); final: the last")
@@ -289,8 +331,7 @@ def run_export_model(args):
     from autoplan.inference.package import export_model
 
     manifest = export_model(args.model, args.output, weights=args.weights)
-    print(f"wrote {args.output}: {manifest['dataset']} {manifest['configuration']} {manifest['run']}, "
-          f"{len(manifest['folds'])} fold(s), {manifest['weights']} weights")
+    print(pipeline.describe_package(manifest, args.output))
 
 
 def run_import_model(args):
@@ -344,6 +385,9 @@ COMMANDS = {
     "plan-and-train": Command("fingerprint, plan, preprocess, train, validate, report",
                               "autoplan plan-and-train TaskXRay --time-budget 10",
                               _plan_and_train_arguments, run_plan_and_train),
+    "find-best": Command("compare configurations and pairwise ensembles on out-of-fold predictions "
+                         "-> RESULTS/NAME/best.json", "autoplan find-best TaskHippocampus",
+                         _find_best_arguments, run_find_best),
     "predict": Command("predict a folder of new images (masks + qc.csv, or predictions.csv)",
                        "autoplan predict --model results/TaskXRay/2d/RUN/fold_0 --input new/ --output masks/",
                        _predict_arguments, run_predict),

@@ -80,6 +80,49 @@ def plan_and_train(dataset: Dataset, folders: Folders, options: TrainOptions, de
     return train(dataset, folders, options, planned)
 
 
+def _prediction_device(options: TrainOptions) -> str:
+    import torch
+
+    return "cuda" if options.device == "cuda" or (options.device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def find_best(dataset: Dataset, folders: Folders, folds=None, tta: bool = True, device="cpu",
+              train_missing: bool = False, time_budget_minutes=None, n_jobs=None):
+    """Compare the trained runs and pairs on out-of-fold predictions -> RESULTS/NAME/best.json."""
+    from autoplan.selection import find_best as find_best_stage
+
+    return find_best_stage(dataset, folders, folds=folds, tta=tta, device=device, train_missing=train_missing,
+                           time_budget_minutes=time_budget_minutes, n_jobs=n_jobs)
+
+
+def plan_train_and_find_best(dataset: Dataset, folders: Folders, options: TrainOptions, device=None,
+                             gpu_memory_gb=None, field_of_view="auto") -> tuple:
+    """``plan-and-train --find-best``: split the budget across the plan's configurations and
+    folds (``selection.split_budget``), plan each run for its share, train them, find-best.
+
+    Returns (the BudgetSplit, the Runs, the BestChoice)."""
+    from autoplan.selection import split_budget
+    from autoplan.splits import load_or_create_splits
+
+    if options.configuration or options.fold not in ("0", "all"):
+        raise InputError(None, "--find-best trains every configuration on the folds its budget allows: "
+                               "leave out --config and --fold")
+    planning = dict(device=device, gpu_memory_gb=gpu_memory_gb, base_features=options.base_features,
+                    n_jobs=options.n_jobs, field_of_view=field_of_view)
+    planned = plan(dataset, folders, time_budget_minutes=options.time_budget_minutes, **planning)
+    fold_sizes = [len(fold["val"]) for fold in load_or_create_splits(dataset, folders.results)]
+    split = split_budget(planned, options.time_budget_minutes, fold_sizes)
+    if split.minutes_per_run:
+        planned = plan(dataset, folders, time_budget_minutes=split.minutes_per_run, **planning)
+    runs = []
+    for name in split.configurations:
+        for fold in split.folds:
+            runs += train(dataset, folders, replace(options, configuration=name, fold=str(fold),
+                                                    time_budget_minutes=split.minutes_per_run), planned)
+    choice = find_best(dataset, folders, folds=split.folds, device=_prediction_device(options), n_jobs=options.n_jobs)
+    return split, runs, choice
+
+
 def compare(run_dirs: list, output: Path | None = None) -> str:
     """The Markdown table of runs side by side; also written to ``output`` when given."""
     from autoplan.report import compare_runs
@@ -146,3 +189,21 @@ def describe_prediction(summary: dict, output: Path) -> str:
     if summary.get("qc"):
         line += f"; {summary['n_flagged']} of {summary['n_predicted']} cases flagged, see {summary['qc']}"
     return line
+
+
+def describe_choice(choice, folders: Folders) -> str:
+    """find-best's table, the choice and why, and where best.json went."""
+    from autoplan.artifacts import BEST_FILE
+    from autoplan.selection import format_best_table
+
+    results = folders.dataset_results(choice.dataset)
+    return (f"{format_best_table(choice)}\nwrote {results / BEST_FILE} "
+            f"(autoplan predict --model {results} ...)")
+
+
+def describe_package(manifest: dict, output: Path) -> str:
+    if manifest.get("members"):        # a find-best choice
+        return (f"wrote {output}: {manifest['dataset']}, find-best's choice {manifest['configuration']} "
+                f"({sum(len(f) for f in manifest['folds'].values())} folds), {manifest['weights']} weights")
+    return (f"wrote {output}: {manifest['dataset']} {manifest['configuration']} {manifest['run']}, "
+            f"{len(manifest['folds'])} fold(s), {manifest['weights']} weights")

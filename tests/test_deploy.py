@@ -92,6 +92,53 @@ def test_exported_then_imported_model_gives_byte_identical_masks(tmp_path):
         import_model(package, tmp_path / "elsewhere" / "results")
 
 
+def _fresh_environment(folder: Path) -> Path:
+    """A new virtual environment with autoplan installed in it from a copy of the sources (not
+    this checkout's editable install); its dependencies come from this environment's
+    site-packages, which it sees as a plain path (so this checkout's autoplan stays invisible).
+    Returns its python."""
+    import shutil
+    import site
+    import venv
+
+    venv.EnvBuilder(with_pip=False).create(folder / "venv")      # this pip installs into it (--python)
+    python = folder / "venv" / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    source = folder / "source"
+    shutil.copytree(ROOT / "autoplan", source / "autoplan", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+                    "--no-build-isolation", "--no-index", str(source)], check=True, capture_output=True, timeout=300)
+    return python
+
+
+@pytest.mark.slow
+def test_model_imported_in_a_fresh_virtual_environment_gives_byte_identical_masks(tmp_path):
+    """Issue 27's done-when: export here, import and predict in another environment, another
+    folder, with only the zip."""
+    run = _two_fold_run(tmp_path, 3)
+    inputs = _volumes(tmp_path / "in")
+    predict_folder(run, inputs, tmp_path / "here", tta=False)
+    package = tmp_path / "model.zip"
+    export_model(run, package)
+    python = _fresh_environment(tmp_path / "fresh")
+    where = subprocess.run([str(python), "-c", "import autoplan; print(autoplan.__file__)"], cwd=tmp_path,
+                           capture_output=True, text=True, check=True).stdout
+    assert str(tmp_path / "fresh" / "venv") in where, where
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for command in (["import-model", str(package), "--results", "results"],
+                    ["predict", "--model", f"results/TaskToy/3d_fullres/{run.name}", "--input", str(inputs),
+                     "--output", "masks", "--no-tta"]):
+        done = subprocess.run([str(python), "-m", "autoplan", *command], cwd=elsewhere, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    assert _mask_bytes(elsewhere / "masks") == _mask_bytes(tmp_path / "here")
+
+
 def test_package_holds_weights_only_and_final_weights_on_request(tmp_path):
     fold = make_segmentation_run(tmp_path, 2)
     state = torch.load(fold / "checkpoint_best.pt", weights_only=True)

@@ -24,11 +24,11 @@ from autoplan.report import write_classification_report, write_segmentation_repo
 
 
 def _run_info(session: PredictionSession, dataset) -> dict:
-    spec, folds = session.ensemble.spec, session.ensemble.fold_dirs
+    spec, folds = session.ensemble.spec, session.predictor.fold_dirs
     return {"dataset": dataset.name, "trained_on": spec.dataset, "configuration": vars(spec.configuration),
             "options": vars(spec.options), "folds": [str(f) for f in folds],
             "fold": spec.fold if len(folds) == 1 else "ensemble",
-            "tta": session.tta, "device": str(session.device), "postprocessing": spec.postprocessing,
+            "tta": session.tta, "device": str(session.device), "postprocessing": session.predictor.postprocessing,
             "evaluation": True, "citations": dataset.description.get("citation")}
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from autoplan.artifacts import BEST_FILE, BestChoice
 from autoplan.errors import InputError
 from autoplan.inference.package import model_folder
 from autoplan.nets import autocast
@@ -42,6 +43,33 @@ def load_ensemble(model_dir, device="cpu") -> Ensemble:
             raise InputError(fold, f"cannot be ensembled with {folds[0]}: different task, "
                                    "configuration, patch size, labels or classes")
     return Ensemble(spec=specs[0], networks=networks, fold_dirs=folds)
+
+
+def _identity(spec: RunSpec) -> tuple:
+    """What runs ensembled across configurations must share (classifiers: one input size too)."""
+    size = list(spec.configuration.patch_size) if spec.task_type == "classification" else None
+    return spec.task_type, spec.labels, spec.classes, size
+
+
+def load_choice(path, device="cpu"):
+    """(ensembles, post-processing) of the find-best choice that ``path`` holds (a dataset's
+    results folder, or a package of one, with best.json), or None when it holds none."""
+    folder = model_folder(path)
+    if not (folder / BEST_FILE).is_file():
+        return None
+    choice = BestChoice.load(folder / BEST_FILE)
+    ensembles = []
+    for member in choice.chosen.members:
+        if not member.folder(folder).is_dir():
+            raise InputError(folder / BEST_FILE, f"chooses {member.label}, which is not in {folder} "
+                                                 "(run find-best again after moving or deleting runs)")
+        ensembles.append(load_ensemble(member.folder(folder), device))
+    for member, ensemble in zip(choice.chosen.members[1:], ensembles[1:]):
+        first = ensembles[0].spec
+        if _identity(ensemble.spec) != _identity(first):
+            raise InputError(member.folder(folder), f"cannot be ensembled with {choice.chosen.members[0].label}: "
+                                                    "different task, labels, classes or classifier input size")
+    return ensembles, dict(choice.chosen.postprocessing)
 
 
 @contextlib.contextmanager

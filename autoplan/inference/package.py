@@ -4,8 +4,11 @@
 its ``plan.json`` (configuration, labels or classes, post-processing and the quality
 reference that predict compares new cases with) and its weights (``best`` or ``final``), with
 ``model.json``: the format, the autoplan version, what the model is, and a SHA-256 per file.
-``open_package`` checks a zip against its manifest and unpacks it into a private folder that
-``load_ensemble`` reads like a run folder; ``import_model`` unpacks it into a results folder.
+Given a dataset's results folder, it writes what find-best chose instead: ``best.json`` and
+the chosen runs as ``CONFIGURATION/RUN/fold_K/`` (format version 2; a single run stays
+version 1). ``open_package`` checks a zip against its manifest and unpacks it into a private
+folder that ``Predictor.load`` reads like a run (or results) folder; ``import_model`` unpacks
+it into a results folder.
 
 Weights are saved as the network's state dict alone and read back with ``weights_only``
 loading (``runs.load_checkpoint``): a package from someone else is data, never code.
@@ -24,13 +27,16 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from autoplan import __version__
+from autoplan.artifacts import BEST_FILE, BestChoice
 from autoplan.errors import InputError
 from autoplan.jsonio import atomic_write_bytes
 from autoplan.paths import fold_folders
 from autoplan.runs import RunSpec, load_checkpoint
 
 PACKAGE_FORMAT = "autoplan-model"
-PACKAGE_VERSION = 1
+PACKAGE_VERSION = 1                 # one run: fold_K/{plan.json, weights}
+CHOICE_VERSION = 2                  # a find-best choice: best.json, CONFIGURATION/RUN/fold_K/...
+READABLE_VERSIONS = (PACKAGE_VERSION, CHOICE_VERSION)
 MANIFEST = "model.json"
 WEIGHTS = {"best": ("checkpoint_best.pt", "checkpoint_final.pt"), "final": ("checkpoint_final.pt",)}
 PACKAGED_CHECKPOINT = "checkpoint_best.pt"      # what load_trained reads in an unpacked fold
@@ -55,26 +61,52 @@ def _weights_bytes(fold: Path, weights: str) -> bytes:
     raise InputError(fold, f"has no {' or '.join(WEIGHTS[weights])} (training not finished)")
 
 
+def _fold_files(folds: list, prefix: str, weights: str) -> dict:
+    files = {}
+    for fold in folds:
+        files[f"{prefix}{fold.name}/plan.json"] = (fold / "plan.json").read_bytes()
+        files[f"{prefix}{fold.name}/{PACKAGED_CHECKPOINT}"] = _weights_bytes(fold, weights)
+    return files
+
+
+def _run_contents(model_dir, weights: str) -> tuple:
+    """(manifest fields, files) of one run, or of the one fold given."""
+    folds = fold_folders(model_dir)
+    spec = RunSpec.load(folds[0] / "plan.json")
+    fields = {"format_version": PACKAGE_VERSION, "dataset": spec.dataset, "task_type": spec.task_type,
+              "configuration": spec.configuration.name, "run": folds[0].parent.name,
+              "folds": [fold.name for fold in folds], "labels": spec.labels, "classes": spec.classes}
+    return fields, _fold_files(folds, "", weights)
+
+
+def _choice_contents(results_dir: Path, weights: str) -> tuple:
+    """(manifest fields, files) of find-best's choice in a dataset's results folder."""
+    choice = BestChoice.load(results_dir / BEST_FILE)
+    files = {BEST_FILE: (results_dir / BEST_FILE).read_bytes()}
+    folds = {}
+    for member in choice.chosen.members:
+        member_folds = fold_folders(member.folder(results_dir))
+        folds[member.label] = [fold.name for fold in member_folds]
+        files.update(_fold_files(member_folds, f"{member.label}/", weights))
+    spec = RunSpec.load(fold_folders(choice.chosen.members[0].folder(results_dir))[0] / "plan.json")
+    fields = {"format_version": CHOICE_VERSION, "dataset": choice.dataset, "task_type": choice.task_type,
+              "configuration": choice.chosen.label, "run": None, "members": [m.label for m in choice.chosen.members],
+              "folds": folds, "labels": spec.labels, "classes": spec.classes}
+    return fields, files
+
+
 def export_model(model_dir, out_zip, weights: str = "best") -> dict:
-    """Write the run (every fold of ``model_dir``, or the fold given) to ``out_zip``; returns
-    the manifest. ``weights``: 'best' (best EMA checkpoint, else final) or 'final'."""
+    """Write the run (every fold of ``model_dir``, or the fold given), or the choice of
+    find-best when ``model_dir`` is a dataset's results folder with best.json, to ``out_zip``;
+    returns the manifest. ``weights``: 'best' (best EMA checkpoint, else final) or 'final'."""
     if weights not in WEIGHTS:
         raise InputError(None, f"unknown weights {weights!r}: choose 'best' or 'final'")
     out_zip = Path(out_zip)
     if not is_package(out_zip):
         raise InputError(out_zip, "a model package is a .zip file: name the output OUT.zip")
-    folds = fold_folders(model_dir)
-    specs = [RunSpec.load(fold / "plan.json") for fold in folds]
-    files = {}
-    for fold in folds:
-        files[f"{fold.name}/plan.json"] = (fold / "plan.json").read_bytes()
-        files[f"{fold.name}/{PACKAGED_CHECKPOINT}"] = _weights_bytes(fold, weights)
-    spec = specs[0]
-    manifest = {"format": PACKAGE_FORMAT, "format_version": PACKAGE_VERSION, "autoplan_version": __version__,
-                "dataset": spec.dataset, "task_type": spec.task_type, "configuration": spec.configuration.name,
-                "run": folds[0].parent.name,
-                "folds": [fold.name for fold in folds], "weights": weights,
-                "labels": spec.labels, "classes": spec.classes,
+    is_choice = (Path(model_dir) / BEST_FILE).is_file()
+    fields, files = (_choice_contents if is_choice else _run_contents)(Path(model_dir), weights)
+    manifest = {"format": PACKAGE_FORMAT, **fields, "autoplan_version": __version__, "weights": weights,
                 "sha256": {name: _sha256(data) for name, data in files.items()}}
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -95,10 +127,22 @@ def _read_manifest(archive: zipfile.ZipFile, path: Path) -> dict:
         raise InputError(path, f"has an unreadable {MANIFEST}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != PACKAGE_FORMAT:
         raise InputError(path, f"is not an autoplan model package ({MANIFEST} names another format)")
-    if manifest.get("format_version") != PACKAGE_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise InputError(path, f"is a version {manifest.get('format_version')} model package; this autoplan "
-                               f"({__version__}) reads version {PACKAGE_VERSION}")
+                               f"({__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     return manifest
+
+
+def _expected_member(name: str, version) -> bool:
+    """A run's ``fold_K/{plan.json, weights}``; a choice's also under ``CONFIGURATION/RUN/``,
+    and its best.json. No other file, and no part that climbs out of the folder."""
+    parts = PurePosixPath(name).parts
+    if version == CHOICE_VERSION and name == BEST_FILE:
+        return True
+    depth = 4 if version == CHOICE_VERSION else 2
+    if len(parts) != depth or "\\" in name or any(part in ("", ".", "..") or part.startswith(".") for part in parts):
+        return False
+    return parts[-2].startswith("fold_") and parts[-1] in ("plan.json", PACKAGED_CHECKPOINT)
 
 
 def _checked_members(archive: zipfile.ZipFile, manifest: dict, path: Path) -> dict:
@@ -113,8 +157,7 @@ def _checked_members(archive: zipfile.ZipFile, manifest: dict, path: Path) -> di
                                f"{missing or 'none'})")
     members = {}
     for name, checksum in listed.items():
-        parts = PurePosixPath(name).parts
-        if len(parts) != 2 or not parts[0].startswith("fold_") or parts[1] not in ("plan.json", PACKAGED_CHECKPOINT):
+        if not _expected_member(name, manifest.get("format_version")):
             raise InputError(path, f"holds an unexpected file {name!r}: refused")
         data = archive.read(name)
         if _sha256(data) != checksum:
@@ -178,20 +221,29 @@ def open_package(path) -> Path:
 
 
 def import_model(path, results_root, overwrite: bool = False) -> Path:
-    """Unpack a package into ``RESULTS/DATASET/CONFIGURATION/RUN`` (the run folder it came
-    from); returns that folder. An existing folder is replaced only with ``overwrite``."""
+    """Unpack a package into the results folder it came from: a run into
+    ``RESULTS/DATASET/CONFIGURATION/RUN`` (returned), a choice into ``RESULTS/DATASET`` (its
+    runs and best.json; the dataset folder is returned). Existing folders (and best.json) are
+    replaced only with ``overwrite``."""
     manifest, members = read_package(path)
-    run_dir = Path(results_root) / manifest["dataset"] / manifest["configuration"] / manifest["run"]
-    if run_dir.exists() and not overwrite:
-        raise InputError(run_dir, "exists already: add --overwrite to replace it")
-    staging = run_dir.with_name(f".{run_dir.name}.importing")
-    shutil.rmtree(staging, ignore_errors=True)
-    _unpack(members, staging)
+    dataset_dir = Path(results_root) / manifest["dataset"]
+    is_choice = manifest["format_version"] == CHOICE_VERSION
+    targets = ([dataset_dir / label for label in manifest["members"]] + [dataset_dir / BEST_FILE] if is_choice
+               else [dataset_dir / manifest["configuration"] / manifest["run"]])
+    for target in targets:
+        if target.exists() and not overwrite:
+            raise InputError(target, "exists already: add --overwrite to replace it")
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".importing-", dir=dataset_dir))
     try:
+        _unpack(members, staging)
         _check_weights(Path(path), staging, members)
-    except InputError:
+        sources = ([staging / label for label in manifest["members"]] + [staging / BEST_FILE] if is_choice
+                   else [staging])
+        for source, target in zip(sources, targets):
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source.rename(target)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(run_dir, ignore_errors=True)
-    staging.rename(run_dir)
-    return run_dir
+    return dataset_dir if is_choice else targets[0]

@@ -230,7 +230,7 @@ def _input_cases(input_dir: Path) -> list:
 def _summary(session: PredictionSession, n_cases: int, written: list, n_done: int, qc_path: Path,
              seconds: float) -> dict:
     reasons = session.reasons
-    return {"task_type": session.ensemble.spec.task_type, "model": [str(f) for f in session.ensemble.fold_dirs],
+    return {"task_type": session.ensemble.spec.task_type, "model": [str(f) for f in session.predictor.fold_dirs],
             "n_cases": n_cases, "n_predicted": n_done, "written": [str(p) for p in written],
             "failed": session.failures, "tta": session.tta, "seconds": round(seconds, 3),
             "cases_per_second": round(n_done / seconds, 4) if seconds > 0 else None,

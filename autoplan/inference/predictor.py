@@ -3,6 +3,7 @@
     from autoplan import Predictor
 
     predictor = Predictor.load("results/TaskXRay/2d/RUN", device="cpu")   # a run, a fold or a .zip
+    predictor = Predictor.load("results/TaskXRay")                         # what find-best chose
     labels = predictor.predict(image_array, spacing=(1.0, 1.0))           # segmentation
     labels, probabilities = predictor.predict(volume, spacing=(3.0, 0.8, 0.8), return_probabilities=True)
     probabilities = predictor.classify([photo_hwc, other_photo_hwc])       # classification
@@ -10,6 +11,8 @@
 ``autoplan predict`` and ``autoplan evaluate`` predict through the same object, so arrays
 given here get exactly what a folder of files gets: preprocessing as in training, the folds'
 ensemble, mirroring TTA, resampling back to the input grid and the run's post-processing.
+A choice of ``autoplan find-best`` (``RESULTS/NAME/best.json``) may be a pair of runs: their
+probabilities are averaged, and its post-processing replaces the runs' own.
 """
 
 import numpy as np
@@ -17,24 +20,46 @@ import torch
 
 from autoplan.errors import InputError
 from autoplan.inference.classification import classify_pixels
-from autoplan.inference.models import Ensemble, load_ensemble
+from autoplan.inference.models import Ensemble, load_choice, load_ensemble
 from autoplan.inference.segmentation import apply_postprocessing, predict_case_probabilities, probabilities_to_labels
 from autoplan.io import ImageData
 from autoplan.preprocessing import load_classification_image
 
 
-class Predictor:
-    """The folds of one trained run, ready to predict (nnU-Net's ``nnUNetPredictor``)."""
+def _average(arrays: list) -> np.ndarray:
+    """The members' mean; one member's array as it is (no copy of a large volume)."""
+    return arrays[0] if len(arrays) == 1 else np.mean(arrays, axis=0).astype(arrays[0].dtype)
 
-    def __init__(self, ensemble: Ensemble, device="cpu", tta: bool = True):
-        self.ensemble, self.tta = ensemble, tta
+
+class Predictor:
+    """The folds of one trained run, or the runs of a find-best choice, ready to predict
+    (nnU-Net's ``nnUNetPredictor``)."""
+
+    def __init__(self, ensembles, device="cpu", tta: bool = True, postprocessing: dict | None = None):
+        self.ensembles = [ensembles] if isinstance(ensembles, Ensemble) else list(ensembles)
+        self.tta = tta
         self.device = torch.device(device) if isinstance(device, str) else device
+        self.postprocessing = self.spec.postprocessing if postprocessing is None else postprocessing
 
     @classmethod
     def load(cls, path, device="cpu", tta: bool = True) -> "Predictor":
-        """A run folder (every fold_K inside it, as an ensemble), one fold_K folder, or a model
-        package written by ``autoplan export-model``. Weights load as data (no unpickling)."""
+        """A run folder (every fold_K inside it, as an ensemble), one fold_K folder, a dataset's
+        results folder holding find-best's best.json (its choice), or a model package written
+        by ``autoplan export-model``. Weights load as data (no unpickling)."""
+        choice = load_choice(path, device)
+        if choice is not None:
+            ensembles, postprocessing = choice
+            return cls(ensembles, device, tta, postprocessing)
         return cls(load_ensemble(path, device), device, tta)
+
+    @property
+    def ensemble(self) -> Ensemble:
+        """The first run's folds (the one run, unless a find-best choice is a pair)."""
+        return self.ensembles[0]
+
+    @property
+    def fold_dirs(self) -> list:
+        return [fold for ensemble in self.ensembles for fold in ensemble.fold_dirs]
 
     @property
     def spec(self):
@@ -67,14 +92,20 @@ class Predictor:
     def segment(self, image: ImageData, case_id: str = "case") -> tuple:
         """(label map after the run's post-processing, probabilities) of an ``ImageData``."""
         self._require("segmentation")
-        probabilities, _ = predict_case_probabilities(self.ensemble.networks, self.spec, image, self.tta,
-                                                      self.device, case_id)
-        labels = apply_postprocessing(probabilities_to_labels(probabilities, self.spec), self.spec.postprocessing)
+        probabilities = _average([predict_case_probabilities(ensemble.networks, ensemble.spec, image, self.tta,
+                                                             self.device, case_id)[0]
+                                  for ensemble in self.ensembles])
+        labels = apply_postprocessing(probabilities_to_labels(probabilities, self.spec), self.postprocessing)
         return labels, probabilities
+
+    @property
+    def image_dim(self) -> int:
+        """2 or 3: the images the model was trained on (a 2d configuration of volumes takes volumes)."""
+        return int((self.spec.qc_reference or {}).get("dim") or self.spec.configuration.dim)
 
     def _image(self, array, spacing) -> ImageData:
         array = np.asarray(array)
-        dim = self.spec.configuration.dim
+        dim = self.image_dim
         if array.ndim == dim and self.spec.configuration.n_input_channels == 1:
             array = array[None]
         if array.ndim != dim + 1 or array.shape[0] != self.spec.configuration.n_input_channels:
@@ -96,7 +127,8 @@ class Predictor:
     def classify_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Decision probabilities of images already at the input size, uint8 ``(N, H, W, C)``."""
         self._require("classification")
-        return classify_pixels(self.ensemble.networks, pixels, self.spec.configuration, self.tta, self.device)
+        return _average([classify_pixels(ensemble.networks, pixels, ensemble.spec.configuration, self.tta, self.device)
+                         for ensemble in self.ensembles])
 
     @staticmethod
     def _photo(image) -> ImageData:

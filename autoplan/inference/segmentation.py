@@ -78,6 +78,18 @@ def apply_postprocessing(label_map: np.ndarray, postprocessing: dict | None) -> 
     return result
 
 
+def component_dice(prediction: np.ndarray, reference: np.ndarray, label: int) -> tuple:
+    """(Dice of ``label`` as predicted, its Dice when only the largest component is kept)."""
+    predicted, wanted = np.asarray(prediction) == label, np.asarray(reference) == label
+    before = dice(predicted, wanted)
+    return before, dice(largest_component(predicted), wanted) if predicted.any() else before
+
+
+def keeps_largest_component(before: list, after: list) -> bool:
+    """nnU-Net's rule: post-process a label only when its mean Dice strictly improves."""
+    return bool(np.isfinite(np.asarray(before, dtype=float)).any() and nanmean(after) > nanmean(before))
+
+
 def decide_postprocessing(predictions, references, label_ids, spacing_per_case=None) -> dict:
     """``{label id str: bool}``: keep-largest-component where it raises the label's mean Dice.
 
@@ -88,11 +100,7 @@ def decide_postprocessing(predictions, references, label_ids, spacing_per_case=N
     """
     decision = {}
     for label in label_ids:
-        before, after = [], []
-        for prediction, reference in zip(predictions, references):
-            predicted, wanted = np.asarray(prediction) == label, np.asarray(reference) == label
-            before.append(dice(predicted, wanted))
-            after.append(dice(largest_component(predicted) if predicted.any() else predicted, wanted))
-        keep = bool(np.isfinite(before).any() and nanmean(after) > nanmean(before))
-        decision[str(int(label))] = keep
+        pairs = [component_dice(prediction, reference, label) for prediction, reference in zip(predictions, references)]
+        before, after = [p[0] for p in pairs], [p[1] for p in pairs]
+        decision[str(int(label))] = keeps_largest_component(before, after)
     return decision
