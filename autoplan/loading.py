@@ -35,6 +35,7 @@ from autoplan.augmentation import (
 from autoplan.errors import InputError
 from autoplan.jsonio import read_json
 from autoplan.preprocessing import normalize_unit_batch
+from autoplan.preprocessing.cache import open_case_arrays
 
 # Batches each worker keeps ready; two per worker keeps the GPU fed without much memory.
 CACHED_PER_WORKER = 2
@@ -123,7 +124,8 @@ class _BatchStream:
 
 
 class _SegmentationCases:
-    """Lazily memory-mapped preprocessed cases and their foreground locations."""
+    """Lazily opened preprocessed cases (compressed, read a region at a time) and their
+    foreground locations."""
 
     def __init__(self, preprocessed_dir, case_ids):
         self.dir = Path(preprocessed_dir)
@@ -141,11 +143,9 @@ class _SegmentationCases:
         self._open = {}
 
     def arrays(self, index):
-        """(data (C, ...), seg (1, ...)) memory-mapped; opened once per process."""
+        """(data (C, ...), seg (1, ...)), sliceable like arrays; opened once per process."""
         if index not in self._open:
-            case_id = self.case_ids[index]
-            self._open[index] = (np.load(self.dir / f"{case_id}.npy", mmap_mode="r"),
-                                 np.load(self.dir / f"{case_id}_seg.npy", mmap_mode="r"))
+            self._open[index] = open_case_arrays(self.dir, self.case_ids[index])
         return self._open[index]
 
     def __getstate__(self):
@@ -238,14 +238,21 @@ class _PatchSampler(_Sampler):
         if force_fg and locations:
             label = list(locations)[rng.integers(len(locations))]
             centre = locations[label][rng.integers(len(locations[label]))]
+        spatial, slice_axis = list(data.shape[1:]), []
         if self.dim == 2 and data.ndim == 4:
             # A 2D configuration on volumes: one slice, the foreground voxel's if any.
             z = int(centre[0]) if centre is not None else int(rng.integers(data.shape[1]))
-            data, seg = data[:, z], seg[:, z]
+            spatial, slice_axis = spatial[1:], [z]
             centre = centre[1:] if centre is not None else None
-        corner = _window_lower_corner(data.shape[1:], self.sample_size, centre, rng)
+        corner = _window_lower_corner(spatial, self.sample_size, centre, rng)
         corner = [c + int(rng.integers(-m, m + 1)) if m else c for c, m in zip(corner, self.max_shift)]
-        return _crop_padded(data, corner, self.sample_size), _crop_padded(seg, corner, self.sample_size)
+        # Only the window is read (and decompressed) from the cached arrays, never the whole case.
+        corner, size = slice_axis + corner, [1] * len(slice_axis) + self.sample_size
+        patch_data = _crop_padded(data, corner, size, np.float32)
+        patch_seg = _crop_padded(seg, corner, size, np.int16)
+        if slice_axis:
+            patch_data, patch_seg = patch_data[:, 0], patch_seg[:, 0]
+        return patch_data, patch_seg
 
 
 def _window_lower_corner(shape, size, centre, rng):
@@ -266,12 +273,17 @@ def _window_lower_corner(shape, size, centre, rng):
     return corner
 
 
-def _crop_padded(array, corner, size):
-    """(C, *size) window of ``array`` at ``corner``, zero where it leaves the image."""
-    out = np.zeros((array.shape[0], *size), dtype=array.dtype)
+def _crop_padded(array, corner, size, dtype):
+    """(C, *size) window of ``array`` at ``corner`` as ``dtype``, zero where it leaves the image.
+
+    ``array`` is anything sliceable like an ndarray (a blosc2 NDArray decompresses the window only).
+    """
+    out = np.zeros((array.shape[0], *size), dtype=dtype)
     source, target = [slice(None)], [slice(None)]
     for lo, s, n in zip(corner, size, array.shape[1:]):
         a, b = max(lo, 0), min(lo + s, n)
+        if b <= a:
+            return out
         source.append(slice(a, b))
         target.append(slice(a - lo, b - lo))
     out[tuple(target)] = array[tuple(source)]

@@ -12,6 +12,7 @@ import pytest
 from autoplan.loading import ClassificationLoader, SegmentationLoader
 from autoplan.planning import Configuration
 from autoplan.preprocessing import CaseProperties, sample_class_locations
+from autoplan.preprocessing.cache import open_case_arrays, save_case_arrays
 
 
 def configuration(patch_size=(16, 20, 16), dim=3, batch_size=6, name="3d_fullres", channels=1,
@@ -22,8 +23,10 @@ def configuration(patch_size=(16, 20, 16), dim=3, batch_size=6, name="3d_fullres
         estimated_memory_gb=0.1, epochs=1, iterations_per_epoch=1, n_input_channels=channels, n_outputs=3)
 
 
-def write_cases(folder, n=5, shape=(20, 24, 22), seed=0):
-    """Preprocessed-looking cases: noise image, a small labelled box (sparse foreground)."""
+def write_cases(folder, n=5, shape=(20, 24, 22), seed=0, patch_size=(8, 10, 8), uncompressed=False):
+    """Preprocessed-looking cases: noise image, a small labelled box (sparse foreground), stored
+    as the cache stores them (chunks smaller than the loader's patch, so patches span several),
+    or as version 1's uncompressed .npy."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     ids = []
@@ -33,8 +36,11 @@ def write_cases(folder, n=5, shape=(20, 24, 22), seed=0):
         corner = [int(rng.integers(0, s - 3)) for s in shape]
         seg[(0,) + tuple(slice(c, c + 3) for c in corner)] = 1 + i % 2
         case_id = f"case{i}"
-        np.save(folder / f"{case_id}.npy", data)
-        np.save(folder / f"{case_id}_seg.npy", seg)
+        if uncompressed:
+            np.save(folder / f"{case_id}.npy", data)
+            np.save(folder / f"{case_id}_seg.npy", seg)
+        else:
+            save_case_arrays(folder, case_id, data, seg, patch_size)
         CaseProperties(case_id=case_id, original_shape=list(shape), original_spacing=[1.0] * len(shape),
                        crop_bbox=[[0, s] for s in shape], shape_after_crop=list(shape),
                        shape_after_resampling=list(shape),
@@ -116,7 +122,7 @@ def test_workers_produce_batches_and_close_cleanly(tmp_path):
 def test_worker_error_raises_instead_of_hanging(tmp_path):
     ids = write_cases(tmp_path, n=2)
     before = child_pids()
-    (tmp_path / "case1.npy").write_bytes(b"not an array")
+    (tmp_path / "case1.b2nd").write_bytes(b"not an array")
     loader = SegmentationLoader(tmp_path, ids, configuration(), augment="none", n_workers=2)
     start = time.time()
     with pytest.raises(RuntimeError):
@@ -149,6 +155,29 @@ def test_2d_configuration_on_volumes_samples_slices(tmp_path):
         batch = next(loader)
     assert batch["data"].shape == (6, 1, 20, 16) and batch["target"].shape == (6, 1, 20, 16)
     assert batch["target"][5].any()
+
+
+@pytest.mark.parametrize("dim, shape, patch", [(3, (20, 24, 22), (16, 20, 16)), (3, (10, 12, 8), (16, 20, 16)),
+                                                (2, (6, 24, 22), (20, 16)), (2, (30, 26), (20, 16))])
+def test_compressed_cases_give_the_same_patches_as_arrays(tmp_path, dim, shape, patch):
+    """Patches cut from the compressed cache (chunks smaller than the patch, windows that leave
+    the image, 2D slices of volumes) equal those cut from the same arrays uncompressed."""
+    config = configuration(patch_size=patch, dim=dim, name=f"{dim}d")
+    ids = write_cases(tmp_path / "compressed", shape=shape)
+    write_cases(tmp_path / "arrays", shape=shape, uncompressed=True)
+    assert not list((tmp_path / "compressed").glob("*.npy"))
+    batches = {}
+    for folder in ("compressed", "arrays"):
+        with SegmentationLoader(tmp_path / folder, ids, config, augment="none", n_workers=0, seed=7) as loader:
+            batches[folder] = [next(loader) for _ in range(4)]
+        with SegmentationLoader(tmp_path / folder, ids, config, augment="none", n_workers=0,
+                                infinite=False) as loader:
+            batches[folder] += list(loader)
+    for compressed, arrays in zip(batches["compressed"], batches["arrays"]):
+        np.testing.assert_array_equal(compressed["data"], arrays["data"])
+        np.testing.assert_array_equal(compressed["target"], arrays["target"])
+        assert compressed["target"].dtype == np.int16
+    assert any(b["target"].any() for b in batches["compressed"])
 
 
 def classifier_configuration(batch_size=8):
@@ -244,7 +273,8 @@ def test_field_of_view_plans_shift_whole_images_inside_the_patch(tmp_path):
     other sites centre patients differently. Validation windows never move."""
     ids = write_cases(tmp_path, n=4, shape=(32, 32))
     for case_id in ids:   # a nonzero image: its position is visible after padding
-        np.save(tmp_path / f"{case_id}.npy", np.ones((1, 32, 32), dtype=np.float32))
+        save_case_arrays(tmp_path, case_id, np.ones((1, 32, 32), dtype=np.float32),
+                         open_case_arrays(tmp_path, case_id)[1][:], (32, 32))
     plain = configuration(patch_size=(32, 32), dim=2, name="2d", batch_size=4)
     fitted = configuration(patch_size=(32, 32), dim=2, name="2d", batch_size=4)
     fitted.field_of_view = {"mode": "fit", "working_size": [32, 32]}

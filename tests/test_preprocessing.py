@@ -24,6 +24,7 @@ from autoplan.preprocessing import (
     preprocess_dataset,
     revert_to_original,
 )
+from autoplan.preprocessing.cache import open_case_arrays
 
 def make_configuration(name="3d_fullres", dim=3, spacing=(1.0, 1.0, 1.0), normalization=None,
                        patch_size=(16, 16, 16), n_channels=1, n_outputs=3):
@@ -186,9 +187,8 @@ def test_preprocess_dataset_writes_cache_and_resumes(tmp_path):
     configuration = make_configuration()
     out = preprocess_dataset(dataset, make_plan("Synth", configuration), "3d_fullres", tmp_path / "pre", n_jobs=1)
     assert out == tmp_path / "pre" / "Synth" / "3d_fullres"
-    data = np.load(out / "case0.npy")
-    seg = np.load(out / "case0_seg.npy")
-    assert data.dtype == np.float32 and seg.dtype == np.int16 and data.shape == (1, 15, 24, 22)
+    data, seg = (array[:] for array in open_case_arrays(out, "case0"))
+    assert data.dtype == np.float32 and seg.dtype == np.uint8 and data.shape == (1, 15, 24, 22)
     assert seg.shape == (1, 15, 24, 22)
     properties = CaseProperties.load(out / "case0.json")
     assert properties.stamp and properties.crop_bbox == [[2, 17], [4, 28], [1, 23]]
@@ -202,17 +202,91 @@ def test_preprocess_dataset_writes_cache_and_resumes(tmp_path):
     (out / "case1.json").unlink()
     preprocess_dataset(dataset, make_plan("Synth", configuration), "3d_fullres", tmp_path / "pre", n_jobs=1)
     assert (out / "case1.json").is_file()
-    assert (out / "case0.npy").stat().st_mtime_ns == mtimes["case0.npy"]
+    assert (out / "case0.b2nd").stat().st_mtime_ns == mtimes["case0.b2nd"]
 
     # A changed source file or configuration invalidates the stamp.
     source = dataset.cases[2].images[0]
     os.utime(source, ns=(time.time_ns(), time.time_ns() + 10**9))
     preprocess_dataset(dataset, make_plan("Synth", configuration), "3d_fullres", tmp_path / "pre", n_jobs=1)
-    assert (out / "case2.npy").stat().st_mtime_ns != mtimes["case2.npy"]
-    assert (out / "case0.npy").stat().st_mtime_ns == mtimes["case0.npy"]
+    assert (out / "case2.b2nd").stat().st_mtime_ns != mtimes["case2.b2nd"]
+    assert (out / "case0.b2nd").stat().st_mtime_ns == mtimes["case0.b2nd"]
     coarse = make_configuration(spacing=(2.0, 2.0, 2.0))
     preprocess_dataset(dataset, make_plan("Synth", coarse), "3d_fullres", tmp_path / "pre", n_jobs=1)
-    assert np.load(out / "case0.npy").shape == (1, 8, 12, 11)
+    assert open_case_arrays(out, "case0")[0].shape == (1, 8, 12, 11)
+
+
+def test_cache_round_trip_is_exact_and_masks_are_uint8(tmp_path):
+    """What the loader reads back is what preprocessing computed: the image bit for bit
+    (lossless compression), the mask value for value in the smallest type."""
+    from autoplan.io import read_case_images, read_case_labels
+
+    dataset = synthetic_dataset(tmp_path / "raw" / "Synth", n=2)
+    configuration = make_configuration()
+    out = preprocess_dataset(dataset, make_plan("Synth", configuration), "3d_fullres", tmp_path / "pre", n_jobs=1)
+    case = dataset.cases[1]
+    image = read_case_images(case)
+    expected_data, expected_seg, _ = preprocess_case(image, read_case_labels(case, image, [0, 1, 2]),
+                                                     configuration, case.id)
+    data, seg = open_case_arrays(out, case.id)
+    np.testing.assert_array_equal(data[:], expected_data)
+    assert seg.dtype == np.uint8
+    np.testing.assert_array_equal(seg[:], expected_seg)
+    assert data.chunks[1:] == (15, 16, 16)       # a chunk is at most one patch
+    # Compressed files, and no leftover uncompressed ones.
+    assert not list(out.glob("*.npy"))
+    assert (out / f"{case.id}.b2nd").stat().st_size < expected_data.nbytes
+
+
+def test_masks_with_label_ids_above_255_keep_int16(tmp_path):
+    from autoplan.preprocessing.cache import mask_dtype, save_case_arrays
+
+    seg = np.zeros((1, 4, 5, 6), np.int16)
+    seg[0, 1, 2, 3] = 300
+    assert mask_dtype(seg) == np.int16 and mask_dtype(np.minimum(seg, 255)) == np.uint8
+    save_case_arrays(tmp_path, "big", np.zeros((1, 4, 5, 6), np.float32), seg, [4, 4, 4])
+    stored = open_case_arrays(tmp_path, "big")[1]
+    assert stored.dtype == np.int16 and stored[0, 1, 2, 3] == 300
+
+
+def test_storage_layout_chunks_by_patch():
+    from autoplan.preprocessing.cache import BLOCK_BYTES, storage_layout
+
+    chunks, blocks = storage_layout((1, 120, 320, 320), 4, [64, 160, 160])
+    assert chunks == (1, 64, 160, 160) and np.prod(blocks) * 4 <= BLOCK_BYTES
+    assert all(c % b == 0 or c < 2 * b for c, b in zip(chunks, blocks))
+    assert storage_layout((2, 35, 50, 35), 4, [40, 56, 40])[0] == (1, 35, 50, 35)   # patch > image
+    assert storage_layout((1, 90, 512, 512), 4, [224, 224])[0] == (1, 1, 224, 224)  # 2D patch, volume
+
+
+def test_version_1_cache_is_read_then_rebuilt(tmp_path, monkeypatch):
+    """A cache of version 1 (float32 and int16 .npy) still loads, and preprocessing redoes it
+    into the compressed layout and removes the .npy files instead of trusting its stamp."""
+    from autoplan.loading import SegmentationLoader
+    from autoplan.preprocessing import cache
+
+    dataset = synthetic_dataset(tmp_path / "raw" / "Synth", n=2)
+    configuration = make_configuration()
+    plan = make_plan("Synth", configuration)
+    out = preprocess_dataset(dataset, plan, "3d_fullres", tmp_path / "pre", n_jobs=1)
+    arrays = {case.id: [a[:] for a in open_case_arrays(out, case.id)] for case in dataset.cases}
+    with monkeypatch.context() as patched:          # turn the cache into what version 1 wrote
+        patched.setattr(cache, "CACHE_VERSION", 1)
+        for case in dataset.cases:
+            data, seg = arrays[case.id]
+            np.save(out / f"{case.id}.npy", data)
+            np.save(out / f"{case.id}_seg.npy", seg.astype(np.int16))
+            for suffix in (".b2nd", "_seg.b2nd"):
+                (out / f"{case.id}{suffix}").unlink()
+            properties = CaseProperties.load(out / f"{case.id}.json")
+            properties.stamp = cache.preprocessing_stamp(configuration, cache._case_sources(case))
+            properties.save(out / f"{case.id}.json")
+    ids = [case.id for case in dataset.cases]
+    with SegmentationLoader(out, ids, configuration, augment="none", n_workers=0) as loader:
+        assert next(loader)["data"].shape == (2, 1, 16, 16, 16)
+    preprocess_dataset(dataset, plan, "3d_fullres", tmp_path / "pre", n_jobs=1)
+    assert not list(out.glob("*.npy")) and len(list(out.glob("*_seg.b2nd"))) == 2
+    for case in dataset.cases:
+        np.testing.assert_array_equal(open_case_arrays(out, case.id)[0][:], arrays[case.id][0])
 
 
 def test_preprocess_dataset_rejects_bad_masks(tmp_path):
@@ -251,7 +325,7 @@ def test_hippocampus_subset_preprocesses_and_skips_second_time(tmp_path, monkeyp
     configuration = make_configuration(patch_size=(40, 56, 40))
     plan = make_plan("Hippocampus", configuration)
     out = preprocess_dataset(dataset, plan, "3d_fullres", tmp_path / "pre", n_jobs=2)
-    assert len(list(out.glob("*_seg.npy"))) == 20
+    assert len(list(out.glob("*_seg.b2nd"))) == 20
     written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     parsed = []
     monkeypatch.setattr(cache, "read_json", lambda path: parsed.append(path))
@@ -261,7 +335,7 @@ def test_hippocampus_subset_preprocesses_and_skips_second_time(tmp_path, monkeyp
     # A real case goes back onto its original grid exactly.
     case = dataset.cases[0]
     properties = CaseProperties.load(out / f"{case.id}.json")
-    seg = np.load(out / f"{case.id}_seg.npy")[0]
+    seg = open_case_arrays(out, case.id)[1][0]
     original = read_image(case.label).array[0]
     back = revert_to_original(one_hot(seg, 3), properties, configuration).argmax(0)
     np.testing.assert_array_equal(back, original)

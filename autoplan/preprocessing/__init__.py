@@ -4,9 +4,11 @@ One case goes through :func:`preprocess_case` (training and inference share it);
 :func:`revert_to_original` maps predicted probabilities back onto the original
 grid. :func:`preprocess_dataset` writes the cache the loaders read::
 
-    PRE/NAME/CFG/CASE.npy       float32 (C, [Z,] Y, X)
-    PRE/NAME/CFG/CASE_seg.npy   int16   (1, [Z,] Y, X)
+    PRE/NAME/CFG/CASE.b2nd      float32 (C, [Z,] Y, X)  blosc2, lossless, chunked by the patch
+    PRE/NAME/CFG/CASE_seg.b2nd  uint8   (1, [Z,] Y, X)  blosc2 (int16 for label ids over 255)
     PRE/NAME/CFG/CASE.json      CaseProperties (written last; holds the cache stamp)
+
+read back a region at a time by ``cache.open_case_arrays``.
 
 Classification datasets are resized once into ``PRE/NAME/classifier/images.npy``
 (uint8, N x H x W x C) plus ``index.json``.

@@ -1,28 +1,44 @@
 """The preprocessed cache of a segmentation dataset, one configuration at a time::
 
-    PRE/NAME/CFG/CASE.npy       float32 (C, [Z,] Y, X)
-    PRE/NAME/CFG/CASE_seg.npy   int16   (1, [Z,] Y, X)
-    PRE/NAME/CFG/CASE.json      CaseProperties (written last; holds the cache stamp)
+    PRE/NAME/CFG/CASE.b2nd       float32 (C, [Z,] Y, X)  blosc2, lossless (Zstandard after byte shuffle)
+    PRE/NAME/CFG/CASE_seg.b2nd   uint8   (1, [Z,] Y, X)  blosc2 (int16 when a label id exceeds 255)
+    PRE/NAME/CFG/CASE.json       CaseProperties (written last; holds the cache stamp)
 
+Both arrays are blosc2 NDArrays cut into chunks of at most the configuration's patch, so the
+loader decompresses the region it samples, not the whole volume (:func:`open_case_arrays`).
 A case whose three files exist with a matching stamp is not redone, so an interrupted run
-resumes where it stopped.
+resumes where it stopped. Version 1 stored ``CASE.npy`` (float32) and ``CASE_seg.npy``
+(int16), 6x the disk on CT; such a case carries an older stamp, so it is redone and its
+``.npy`` files are removed.
 """
 
 import functools
 import hashlib
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from autoplan.io import read_case_images, read_case_labels
-from autoplan.jsonio import atomic_save_npy, read_json, to_jsonable
+from autoplan.jsonio import read_json, to_jsonable
 from autoplan.parallel import parallel_map
 from autoplan.preprocessing.case import field_of_view, preprocess_case
 
 # Bump when the cached arrays would change for the same inputs and configuration.
-CACHE_VERSION = 1
+# 2: blosc2 files and uint8 masks instead of float32 / int16 .npy.
+CACHE_VERSION = 2
+IMAGE_SUFFIX, SEG_SUFFIX = ".b2nd", "_seg.b2nd"
+LEGACY_SUFFIXES = (".npy", "_seg.npy")          # version 1, still readable by open_case_arrays
+# Zstandard level 3 after byte shuffling: on six synthetic 120 x 320 x 320 CTs it compressed
+# a case's 49 MB of float32 to 8.4 MB, as small as levels 1 and 5 (level 8, nnU-Net's, 10.0 MB)
+# and 7x faster to write than level 8 (0.22 s against 1.5 s a case).
+CODEC_LEVEL = 3
+# A block is blosc2's unit of decompression inside a chunk: a patch's edge then decompresses
+# little it does not need, while blocks stay large enough to compress well.
+BLOCK_BYTES = 64 * 1024
 
 
 def preprocessing_stamp(configuration, source_files) -> str:
@@ -55,11 +71,84 @@ def _case_sources(case) -> list:
     return list(case.images) + ([case.label] if case.label is not None else [])
 
 
+def case_files(out_dir, case_id) -> dict:
+    """The paths of a cached case: ``image``, ``seg`` (blosc2) and ``properties`` (JSON)."""
+    out_dir = Path(out_dir)
+    return {"image": out_dir / f"{case_id}{IMAGE_SUFFIX}", "seg": out_dir / f"{case_id}{SEG_SUFFIX}",
+            "properties": out_dir / f"{case_id}.json"}
+
+
+def mask_dtype(seg) -> np.dtype:
+    """The smallest type that holds the label ids: uint8 below 256 (never negative here:
+    cropping cuts the outside away instead of marking it), else int16."""
+    low, high = (int(seg.min()), int(seg.max())) if seg.size else (0, 0)
+    return np.dtype(np.uint8) if 0 <= low and high < 256 else np.dtype(np.int16)
+
+
+def storage_layout(shape, itemsize, patch_size) -> tuple:
+    """(chunks, blocks) of a cached (C, *spatial) array.
+
+    A chunk is one channel and at most one patch along each axis (a 2D patch over a volume:
+    one slice), so a sampled patch touches a few chunks; blocks halve a chunk's longest axis
+    until they hold BLOCK_BYTES at most.
+    """
+    spatial = [int(n) for n in shape[1:]]
+    patch = [int(p) for p in (patch_size or spatial)][-len(spatial):]
+    patch = [1] * (len(spatial) - len(patch)) + patch
+    chunks = [1] + [max(1, min(n, p)) for n, p in zip(spatial, patch)]
+    blocks = list(chunks)
+    while int(np.prod(blocks)) * itemsize > BLOCK_BYTES:
+        axis = int(np.argmax(blocks))
+        blocks[axis] = (blocks[axis] + 1) // 2
+    return tuple(chunks), tuple(blocks)
+
+
+def _atomic_save_blosc2(path: Path, array: np.ndarray, patch_size) -> None:
+    """A blosc2 file written under a temporary name and renamed: never half a file."""
+    import blosc2
+
+    chunks, blocks = storage_layout(array.shape, array.itemsize, patch_size)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=IMAGE_SUFFIX)
+    os.close(fd)
+    try:
+        blosc2.asarray(np.ascontiguousarray(array), urlpath=tmp, mode="w", chunks=chunks, blocks=blocks,
+                       cparams={"codec": blosc2.Codec.ZSTD, "clevel": CODEC_LEVEL, "nthreads": 1,
+                                "filters": [blosc2.Filter.SHUFFLE], "filters_meta": [0]})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_case_arrays(out_dir, case_id, data, seg, patch_size) -> None:
+    """Write a case's image and mask (blosc2, atomically) and remove version-1 files of it."""
+    files = case_files(out_dir, case_id)
+    _atomic_save_blosc2(files["image"], data, patch_size)
+    _atomic_save_blosc2(files["seg"], seg.astype(mask_dtype(seg), copy=False), patch_size)
+    for suffix in LEGACY_SUFFIXES:
+        (Path(out_dir) / f"{case_id}{suffix}").unlink(missing_ok=True)
+
+
+def open_case_arrays(out_dir, case_id) -> tuple:
+    """(image (C, ...), seg (1, ...)) of a cached case, read lazily: numpy-style slicing of
+    either returns an ndarray of just that region, decompressing only the chunks it touches.
+
+    Version-1 files (``.npy``) are memory-mapped instead. One decompression thread: the
+    loader's workers already use every core.
+    """
+    files = case_files(out_dir, case_id)
+    if not files["image"].is_file() and (Path(out_dir) / f"{case_id}{LEGACY_SUFFIXES[0]}").is_file():
+        return tuple(np.load(Path(out_dir) / f"{case_id}{suffix}", mmap_mode="r") for suffix in LEGACY_SUFFIXES)
+    import blosc2
+
+    return tuple(blosc2.open(str(files[key]), mode="r", dparams={"nthreads": 1}) for key in ("image", "seg"))
+
+
 def _case_up_to_date(case, configuration, out_dir) -> bool:
-    files = [out_dir / f"{case.id}.npy", out_dir / f"{case.id}_seg.npy", out_dir / f"{case.id}.json"]
-    if not all(f.is_file() for f in files):
+    files = case_files(out_dir, case.id)
+    if not all(f.is_file() for f in files.values()):
         return False
-    return _stored_stamp(files[2]) == preprocessing_stamp(configuration, _case_sources(case))
+    return _stored_stamp(files["properties"]) == preprocessing_stamp(configuration, _case_sources(case))
 
 
 _STAMP_PATTERN = re.compile(r'^  "stamp": "([0-9a-f]*)",?$', re.MULTILINE)
@@ -85,8 +174,7 @@ def _preprocess_and_save(case, configuration, out_dir, label_ids):
     properties.stamp = preprocessing_stamp(configuration, _case_sources(case))
     # Remove the old properties first: arrays and properties of different runs never pair up.
     (out_dir / f"{case.id}.json").unlink(missing_ok=True)
-    atomic_save_npy(out_dir / f"{case.id}.npy", data)
-    atomic_save_npy(out_dir / f"{case.id}_seg.npy", seg.astype(np.int16))
+    save_case_arrays(out_dir, case.id, data, seg, configuration.patch_size)
     properties.save(out_dir / f"{case.id}.json")
     return case.id
 
