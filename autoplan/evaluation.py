@@ -6,6 +6,9 @@ Entry functions:
 - ``segmentation_metrics(cases, labels, n_jobs)``: both of the above over many cases, in parallel.
 - ``classification_metrics(y_true, probabilities, classes, cases)``: the classification ``metrics.json`` dict.
 - ``headline_metrics(metrics)``: the numbers a reader looks at first (run.json, the CLI, compare).
+
+Both metrics dicts carry ``ci95``: 95 % bootstrap intervals (``autoplan.bootstrap``), over
+lesions/patients for classification when the images' groups are given.
 - ``select_sample_cases(metrics)``: the best, median and worst case the reports show.
 
 Conventions (also written into every metrics.json under ``conventions``):
@@ -29,6 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from autoplan.bootstrap import classification_intervals, segmentation_intervals
 from autoplan.fingerprint.geometry import bounding_box
 from autoplan.parallel import parallel_map
 
@@ -162,6 +166,7 @@ def summarize_segmentation(per_case: list[dict], labels: dict, distance_unit: st
         "per_case": per_case,
         "mean": mean,
         "foreground_mean": foreground_mean,
+        "ci95": segmentation_intervals(per_case, labels),
         "distance_unit": distance_unit,
         "conventions": CONVENTIONS.format(unit=distance_unit),
     }
@@ -218,8 +223,12 @@ def _balanced_accuracy(y_true, y_pred) -> float:
         return float(balanced_accuracy_score(y_true, y_pred))
 
 
-def classification_metrics(y_true, probabilities, classes: list[str], cases: list[str] | None = None) -> dict:
-    """The classification metrics.json dict; the predicted class is the most probable one."""
+def classification_metrics(y_true, probabilities, classes: list[str], cases: list[str] | None = None,
+                           groups: list | None = None) -> dict:
+    """The classification metrics.json dict; the predicted class is the most probable one.
+
+    ``groups`` (one per image: its lesion or patient, None for none) makes the ``ci95``
+    bootstrap resample whole lesions; without them images are resampled one by one."""
     from sklearn.metrics import (accuracy_score, confusion_matrix,
                                  precision_recall_fscore_support)
 
@@ -260,10 +269,12 @@ def classification_metrics(y_true, probabilities, classes: list[str], cases: lis
         "macro_auc": float(np.mean(aucs)) if aucs else None,
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=indices).tolist(),
         "n_cases": int(len(y_true)),
+        "ci95": classification_intervals(y_true, y_pred, list(classes), groups),
         "conventions": ("Prediction = most probable class. Precision/recall/F1 are 0 where undefined. "
                         "AUC is one-vs-rest per class (None when the class has no positives or no "
                         "negatives); macro_auc is the mean of the defined ones. balanced_accuracy is "
-                        "the mean recall over classes present in the reference."),
+                        "the mean recall over classes present in the reference. ci95: percentile "
+                        "bootstrap intervals, resampling lesions/patients (groups) with replacement."),
     }
     if cases is not None:
         result["per_case"] = [
