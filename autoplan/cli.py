@@ -17,6 +17,7 @@ from autoplan.errors import InputError
 from autoplan.fingerprint import format_fingerprint_summary
 from autoplan.paths import fingerprint_file, plans_file, resolve_folders
 from autoplan.runs import TrainOptions
+from autoplan.test_split import TEST_SPLIT_SEED, create_test_split, describe_test_split, development_dataset
 
 # One meaning everywhere: how many CPU cores a command may keep busy.
 N_JOBS_HELP = ("CPU cores to use: parallel workers for per-case work (import, fingerprint, preprocessing), "
@@ -126,6 +127,16 @@ def _import_arguments(parser):
     _add_folders(parser, preprocessed=False, results=False)
 
 
+def _split_arguments(parser):
+    parser.add_argument("name", help=NAME_HELP)
+    parser.add_argument("--test-fraction", type=float, default=0.15,
+                        help="share of the cases set aside, whole lesions/patients, per class (default 0.15)")
+    parser.add_argument("--seed", type=int, default=TEST_SPLIT_SEED, help="which cases (same seed, same split)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="make or change the split although trained runs exist (they have seen its cases)")
+    _add_folders(parser, preprocessed=False)
+
+
 def _fingerprint_arguments(parser):
     parser.add_argument("name", help=NAME_HELP)
     parser.add_argument("--force", action="store_true", help="recompute even when cached")
@@ -184,8 +195,11 @@ def _predict_arguments(parser):
 def _evaluate_arguments(parser):
     _add_model_folder(parser)
     parser.add_argument("--dataset", required=True, help="imported labelled dataset: " + NAME_HELP)
-    parser.add_argument("--output", type=Path, default=None, help="default: MODEL/DATASET")
-    _add_folders(parser, preprocessed=False, results=False)
+    parser.add_argument("--split", choices=["all", "test"], default="all",
+                        help="all: every case of the dataset (default); test: exactly its untouched test split "
+                             "(autoplan split)")
+    parser.add_argument("--output", type=Path, default=None, help="default: MODEL/DATASET (MODEL/DATASET_test)")
+    _add_folders(parser, preprocessed=False)
 
 
 def _compare_arguments(parser):
@@ -218,6 +232,11 @@ def _folders(args):
                            getattr(args, "results", None))
 
 
+def _development_dataset(args, folders):
+    """The dataset without its untouched test split: what every command that chooses gets."""
+    return development_dataset(pipeline.open_dataset(args.name, folders), folders.results)
+
+
 def _run_options(args) -> dict:
     """TrainOptions fields from the options train and sweep share."""
     return dict(configuration=args.config, fold=args.fold, pretrained=args.pretrained, init_from=args.init_from,
@@ -242,9 +261,16 @@ def run_import(args):
     print(pipeline.describe_import(dataset))
 
 
+def run_split(args):
+    folders = _folders(args)
+    split, notes = create_test_split(pipeline.open_dataset(args.name, folders), folders.results,
+                                     args.test_fraction, seed=args.seed, overwrite=args.overwrite)
+    print("\n".join([describe_test_split(split, folders.results), *notes]))
+
+
 def run_fingerprint(args):
     folders = _folders(args)
-    result = pipeline.fingerprint(pipeline.open_dataset(args.name, folders), folders, force=args.force,
+    result = pipeline.fingerprint(_development_dataset(args, folders), folders, force=args.force,
                                   n_jobs=args.n_jobs)
     print(format_fingerprint_summary(result))
     print(f"wrote {fingerprint_file(folders.results, args.name)}")
@@ -254,7 +280,7 @@ def run_plan(args):
     from autoplan.planning import format_plan_table
 
     folders = _folders(args)
-    result = pipeline.plan(pipeline.open_dataset(args.name, folders), folders, device=args.device,
+    result = pipeline.plan(_development_dataset(args, folders), folders, device=args.device,
                            gpu_memory_gb=args.gpu_memory, time_budget_minutes=args.time_budget,
                            base_features=args.base_features, n_jobs=args.n_jobs, field_of_view=args.field_of_view,
                            plan_from=args.plan_from)
@@ -264,7 +290,7 @@ def run_plan(args):
 
 def run_train(args):
     folders = _folders(args)
-    print(pipeline.describe_runs(pipeline.train(pipeline.open_dataset(args.name, folders), folders,
+    print(pipeline.describe_runs(pipeline.train(_development_dataset(args, folders), folders,
                                                 _train_options(args))))
 
 
@@ -272,7 +298,7 @@ def run_plan_and_train(args):
     folders = _folders(args)
     if args.find_best:
         return run_plan_train_and_find_best(args, folders)
-    runs = pipeline.plan_and_train(pipeline.open_dataset(args.name, folders), folders, _train_options(args),
+    runs = pipeline.plan_and_train(_development_dataset(args, folders), folders, _train_options(args),
                                    device=args.device, gpu_memory_gb=args.gpu_memory,
                                    field_of_view=args.field_of_view, plan_from=args.plan_from)
     print(pipeline.describe_runs(runs))
@@ -280,7 +306,7 @@ def run_plan_and_train(args):
 
 def run_plan_train_and_find_best(args, folders):
     split, runs, choice = pipeline.plan_train_and_find_best(
-        pipeline.open_dataset(args.name, folders), folders, _train_options(args), device=args.device,
+        _development_dataset(args, folders), folders, _train_options(args), device=args.device,
         gpu_memory_gb=args.gpu_memory, field_of_view=args.field_of_view)
     print(f"budget: {split.reason}")
     print(pipeline.describe_runs(runs))
@@ -289,7 +315,7 @@ def run_plan_train_and_find_best(args, folders):
 
 def run_find_best(args):
     folders = _folders(args)
-    choice = pipeline.find_best(pipeline.open_dataset(args.name, folders), folders, folds=args.folds,
+    choice = pipeline.find_best(_development_dataset(args, folders), folders, folds=args.folds,
                                 tta=not args.no_tta, device=args.device, train_missing=args.train_missing,
                                 time_budget_minutes=args.time_budget, n_jobs=args.n_jobs)
     print(pipeline.describe_choice(choice, folders))
@@ -307,9 +333,11 @@ def run_evaluate(args):
     from autoplan.inference import evaluate_dataset
     from autoplan.evaluation import headline_metrics
 
-    dataset = pipeline.open_dataset(args.dataset, _folders(args))
-    metrics = evaluate_dataset(args.model, dataset, args.output, tta=not args.no_tta, device=args.device,
-                               n_jobs=args.n_jobs)
+    folders = _folders(args)
+    metrics = evaluate_dataset(args.model, pipeline.open_dataset(args.dataset, folders), args.output,
+                               tta=not args.no_tta, device=args.device, n_jobs=args.n_jobs, split=args.split,
+                               results_dir=folders.results)
+    print(f"scored: {metrics.get('split', 'all cases')}")
     print(pipeline.describe_headline(headline_metrics(metrics)))
 
 
@@ -348,7 +376,7 @@ def run_compare(args):
 def run_sweep(args):
     folders = _folders(args)
     grid = pipeline.sweep_grid({name: getattr(args, name) for name in pipeline.SWEEPABLE})
-    table, output = pipeline.sweep(pipeline.open_dataset(args.name, folders), folders,
+    table, output = pipeline.sweep(_development_dataset(args, folders), folders,
                                    TrainOptions(**_run_options(args)), grid, args.output)
     print(table)
     print(f"wrote {output / 'compare.md'} and {output / 'curves.png'}")
@@ -375,6 +403,8 @@ COMMANDS = {
     "import": Command("bring a dataset from its publisher's layout into RAW/NAME",
                       "autoplan import TaskXRay --images jsrt/images --masks jsrt/masks "
                       "--label-map 150=right_lung,200=left_lung,250=heart", _import_arguments, run_import),
+    "split": Command("set aside an untouched test split -> RESULTS/NAME/test_split.json",
+                     "autoplan split TaskDerm --test-fraction 0.15", _split_arguments, run_split),
     "fingerprint": Command("inspect a dataset -> RESULTS/NAME/fingerprint.json",
                            "autoplan fingerprint TaskXRay", _fingerprint_arguments, run_fingerprint),
     "plan": Command("plan configurations -> RESULTS/NAME/plans.json",

@@ -6,10 +6,10 @@ Entry functions:
 - ``segmentation_metrics(cases, labels, n_jobs)``: both of the above over many cases, in parallel.
 - ``classification_metrics(y_true, probabilities, classes, cases)``: the classification ``metrics.json`` dict.
 - ``headline_metrics(metrics)``: the numbers a reader looks at first (run.json, the CLI, compare).
+- ``select_sample_cases(metrics)``: the best, median and worst case the reports show.
 
 Both metrics dicts carry ``ci95``: 95 % bootstrap intervals (``autoplan.bootstrap``), over
 lesions/patients for classification when the images' groups are given.
-- ``select_sample_cases(metrics)``: the best, median and worst case the reports show.
 
 Conventions (also written into every metrics.json under ``conventions``):
 - Surface of a mask = mask XOR its binary erosion with a full-connectivity structuring

@@ -1,5 +1,6 @@
-"""``autoplan evaluate``: predict every case of an imported, labelled dataset with a trained
-run, then ``metrics.json``, ``report.html``/``report.md`` and the pictures.
+"""``autoplan evaluate``: predict every case of an imported, labelled dataset (or, with
+``--split test``, exactly its untouched test split) with a trained run, then ``metrics.json``,
+``report.html``/``report.md`` and the pictures; both say which cases were scored.
 
 ``evaluate_dataset`` is the entry function; the prediction is ``autoplan predict``'s
 (``PredictionSession``), the numbers ``autoplan.evaluation``'s, the report ``autoplan.report``'s.
@@ -21,11 +22,14 @@ from autoplan.io import read_case_images, read_case_labels, read_image, write_im
 from autoplan.jsonio import atomic_write_text, write_json
 from autoplan.preprocessing import load_classification_image
 from autoplan.report import write_classification_report, write_segmentation_report
+from autoplan.runs import best_checkpoint
+from autoplan.test_split import EvaluationCases, evaluation_cases
 
 
-def _run_info(session: PredictionSession, dataset) -> dict:
+def _run_info(session: PredictionSession, dataset, split_label: str) -> dict:
     spec, folds = session.ensemble.spec, session.predictor.fold_dirs
-    return {"dataset": dataset.name, "trained_on": spec.dataset, "configuration": vars(spec.configuration),
+    return {"dataset": dataset.name, "split": split_label, "trained_on": spec.dataset,
+            "configuration": vars(spec.configuration),
             "options": vars(spec.options), "folds": [str(f) for f in folds],
             "fold": spec.fold if len(folds) == 1 else "ensemble",
             "tta": session.tta, "device": str(session.device), "postprocessing": session.predictor.postprocessing,
@@ -55,7 +59,7 @@ def _segmentation_samples(metrics: dict, dataset, prediction_paths: dict) -> lis
     return samples
 
 
-def _evaluate_segmentation(session: PredictionSession, dataset, output_dir: Path) -> dict:
+def _evaluate_segmentation(session: PredictionSession, dataset, output_dir: Path, split_label: str) -> dict:
     """Masks in ``predictions/`` and per-case metrics with each image's spacing."""
     spec = session.ensemble.spec
     label_ids = sorted(int(v) for v in spec.labels.values())
@@ -70,9 +74,10 @@ def _evaluate_segmentation(session: PredictionSession, dataset, output_dir: Path
         per_case.append({"case": case.id, "per_label": segmentation_case_metrics(
             prediction, reference, foreground, image.spacing)})
     metrics = summarize_segmentation(per_case, spec.foreground_labels)
+    metrics["split"] = split_label
     write_json(output_dir / "metrics.json", metrics)
     samples = _segmentation_samples(metrics, dataset, prediction_paths)
-    write_segmentation_report(output_dir, metrics, _run_info(session, dataset), samples, log_csv=None)
+    write_segmentation_report(output_dir, metrics, _run_info(session, dataset, split_label), samples, log_csv=None)
     return metrics
 
 
@@ -95,7 +100,7 @@ def _gradcam(session: PredictionSession, dataset, case_ids: list, y_true, probab
                            spec.configuration, case_ids, device=session.device)
 
 
-def _evaluate_classification(session: PredictionSession, dataset, output_dir: Path) -> dict:
+def _evaluate_classification(session: PredictionSession, dataset, output_dir: Path, split_label: str) -> dict:
     """Class probabilities of every case, predictions.csv and Grad-CAM of the first fold's network."""
     classes = list(session.ensemble.spec.classes)
     cases = [InputCase(c.id, list(c.images)) for c in dataset.cases]
@@ -106,11 +111,14 @@ def _evaluate_classification(session: PredictionSession, dataset, output_dir: Pa
     case_ids = [case.name for case, _ in rows]
     probabilities = np.stack([p for _, p in rows])
     y_true = np.asarray([classes.index(dataset.case(c).class_name) for c in case_ids])
-    metrics = classification_metrics(y_true, probabilities, classes, case_ids)
+    group_of = {case.id: case.group for case in dataset.cases}     # lesions: the bootstrap keeps them whole
+    metrics = classification_metrics(y_true, probabilities, classes, case_ids, groups=[group_of[c] for c in case_ids])
+    metrics["split"] = split_label
     write_json(output_dir / "metrics.json", metrics)
     atomic_write_text(output_dir / "predictions.csv", predictions_csv(list(zip(case_ids, probabilities)), classes))
     gradcam = _gradcam(session, dataset, case_ids, y_true, probabilities)
-    write_classification_report(output_dir, metrics, y_true, probabilities, classes, _run_info(session, dataset),
+    write_classification_report(output_dir, metrics, y_true, probabilities, classes,
+                                _run_info(session, dataset, split_label),
                                 gradcam, log_csv=None)
     return metrics
 
@@ -120,16 +128,35 @@ _EVALUATE_BY_TASK = {"segmentation": (_check_segmentation_dataset, _evaluate_seg
                      "classification": (_check_classification_dataset, _evaluate_classification)}
 
 
-def evaluate_dataset(model_dir, dataset, output_dir=None, tta: bool = True, device="cpu",
-                     n_jobs: int | None = None) -> dict:
-    """Predict every case of a labelled dataset; write metrics.json, report.html/.md and pictures.
+def _refuse_weights_older_than(fold_dirs: list, spec, scored: EvaluationCases) -> None:
+    """A run of this dataset whose weights were saved before its test split was made may have
+    trained on today's test cases (``autoplan split --overwrite`` over existing runs)."""
+    if scored.test_split is None or spec.dataset != scored.test_split.dataset:
+        return
+    made = scored.test_split.created_timestamp()
+    for fold_dir in fold_dirs:
+        if best_checkpoint(fold_dir).stat().st_mtime < made:
+            raise InputError(fold_dir, f"was trained before the test split of {spec.dataset} was made "
+                                       f"({scored.test_split.created}) and may have seen its cases: train it "
+                                       "again before scoring --split test")
 
-    ``output_dir`` defaults to ``<model_dir>/<dataset name>/``. Segmentation compares with
-    ``labelsTr`` (per-case metrics with each image's spacing; the predicted masks are kept
-    in ``predictions/``); classification with the cases' classes (``predictions.csv`` too).
-    Returns the metrics dict.
+
+def evaluate_dataset(model_dir, dataset, output_dir=None, tta: bool = True, device="cpu",
+                     n_jobs: int | None = None, split: str = "all", results_dir=None) -> dict:
+    """Predict the cases of a labelled dataset; write metrics.json, report.html/.md and pictures.
+
+    ``split`` "all" scores every case; "test" exactly the untouched test split of
+    RESULTS/NAME/test_split.json (``results_dir``), refusing a run of that dataset trained
+    before the split was made. metrics.json's ``split`` and the report say which it was.
+    ``output_dir`` defaults to ``<model_dir>/<dataset name>/`` (``<dataset name>_test/`` for
+    the test split). Segmentation compares with ``labelsTr`` (per-case metrics with each
+    image's spacing; the predicted masks are kept in ``predictions/``); classification with
+    the cases' classes (``predictions.csv`` too). Returns the metrics dict.
     """
-    output_dir = Path(output_dir) if output_dir is not None else Path(model_dir) / dataset.name
+    scored = evaluation_cases(dataset, results_dir, split)
+    dataset = scored.dataset
+    default_name = dataset.name + ("_test" if scored.test_split else "")
+    output_dir = Path(output_dir) if output_dir is not None else Path(model_dir) / default_name
     with torch_threads(n_jobs):
         predictor = Predictor.load(model_dir, device, tta)
         spec = predictor.spec
@@ -139,5 +166,6 @@ def evaluate_dataset(model_dir, dataset, output_dir=None, tta: bool = True, devi
             raise InputError(dataset.root, "holds no cases")
         check, evaluate = _EVALUATE_BY_TASK[spec.task_type]
         check(spec, dataset)
+        _refuse_weights_older_than(predictor.fold_dirs, spec, scored)
         output_dir.mkdir(parents=True, exist_ok=True)
-        return evaluate(PredictionSession(predictor), dataset, output_dir)
+        return evaluate(PredictionSession(predictor), dataset, output_dir, scored.label)

@@ -1,5 +1,6 @@
-"""The classification report: headline and per-class tables, confusion matrix, one-vs-rest
-ROC curves and Grad-CAM heat maps of sample images (``GradcamSample``)."""
+"""The classification report: which cases were scored, headline and per-class tables with
+95 % bootstrap intervals, confusion matrix, one-vs-rest ROC curves and Grad-CAM heat maps of
+sample images (``GradcamSample``)."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from matplotlib.figure import Figure
 from autoplan.evaluation import headline_metrics
 from autoplan.report.document import Document, add_curves, add_run_info, fmt
 from autoplan.report.figures import new_figure, save_figure
+from autoplan.test_split import split_label
 
 
 @dataclass
@@ -119,20 +121,49 @@ def gradcam_figure(samples: list, classes: list) -> Figure | None:
 # ============================================================================ the report
 
 
-def _classification_tables(document: Document, metrics: dict, classes: list):
+def scored_cases(metrics: dict, run_info: dict) -> str:
+    """Which cases the figures come from: metrics.json's ``split`` (evaluate), else the run's
+    validation fold (training's final validation), else nothing known."""
+    if metrics.get("split") or (run_info or {}).get("split"):
+        return metrics.get("split") or run_info["split"]
+    if (run_info or {}).get("fold") is not None and not run_info.get("evaluation"):
+        return split_label("validation", fold=run_info["fold"])
+    return "not recorded"
+
+
+def _interval(values) -> str:
+    return f"{values[0]:.3f}–{values[1]:.3f}" if values else "n/a"
+
+
+def _bootstrap_note(ci95: dict) -> str:
+    return (f"95 % confidence intervals: percentile bootstrap, {ci95.get('n_resamples')} resamples of "
+            f"{ci95.get('resampled')} with replacement (seed {ci95.get('seed')}). A difference between two "
+            "runs smaller than these intervals' width may be noise.")
+
+
+def _classification_tables(document: Document, metrics: dict, classes: list, run_info: dict):
     headline = headline_metrics(metrics)
+    ci95 = metrics.get("ci95") or {}
     document.heading("Headline metrics")
-    document.table(["accuracy", "balanced accuracy", "macro F1", "macro AUC", "cases"],
-                   [[fmt(headline[name]) for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")]
-                    + [fmt(metrics.get("n_cases"))]])
+    document.paragraph(f"Cases scored: {scored_cases(metrics, run_info)}.")
+    rows = [[fmt(headline[name]) for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")]
+            + [fmt(metrics.get("n_cases"))]]
+    if ci95:
+        rows.append([_interval(ci95.get(name)) for name in ("accuracy", "balanced_accuracy", "macro_f1")]
+                    + ["", "95 % CI"])
+    document.table(["accuracy", "balanced accuracy", "macro F1", "macro AUC", "cases"], rows)
     document.heading("Per class")
+    recall_ci = ci95.get("recall") or {}
     rows = [[name] + [fmt(metrics["per_class"][name].get(k)) for k in ("precision", "recall", "f1", "support", "auc")]
-            for name in classes]
+            + [_interval(recall_ci.get(name)) if ci95 else "n/a"] for name in classes]
     for average in ("macro_avg", "weighted_avg"):
         values = metrics.get(average, {})
         rows.append([average.replace("_avg", " average")] +
-                    [fmt(values.get(k)) for k in ("precision", "recall", "f1")] + ["", ""])
-    document.table(["class", "precision", "recall", "F1", "support", "AUC (one-vs-rest)"], rows, mean_rows=2)
+                    [fmt(values.get(k)) for k in ("precision", "recall", "f1")] + ["", "", ""])
+    document.table(["class", "precision", "recall", "F1", "support", "AUC (one-vs-rest)", "recall 95 % CI"], rows,
+                   mean_rows=2)
+    if ci95:
+        document.paragraph(_bootstrap_note(ci95), note=True)
     document.paragraph(metrics.get("conventions") or "AUC is one-vs-rest; n/a where a class has no positives.",
                        note=True)
 
@@ -149,7 +180,7 @@ def write_classification_report(out_dir, metrics: dict, y_true, probabilities, c
     classes = list(classes)
     document = Document(title)
     add_run_info(document, run_info)
-    _classification_tables(document, metrics, classes)
+    _classification_tables(document, metrics, classes, run_info)
     add_curves(document, out_dir, log_csv)
     document.heading("Confusion matrix")
     png = save_figure(confusion_figure(metrics["confusion_matrix"], classes), out_dir / "confusion_matrix.png")
