@@ -1,8 +1,9 @@
 """Per-case work on a Dask cluster (autoplan.parallel): a real LocalCluster of 2 worker processes.
 
 The stages run once on local joblib workers and once on the cluster, and must write the same
-cases, fingerprint and preprocessed arrays; bad input must come back as the InputError of the
-first failing case in order; an unreachable scheduler or a missing dask is one InputError.
+cases, fingerprint, preprocessed arrays and evaluation metrics; bad input must come back as the
+InputError of the first failing case in order; an unreachable scheduler, workers without
+autoplan or a missing dask is one InputError.
 """
 
 import json
@@ -20,7 +21,9 @@ from conftest import write_png_pairs
 from autoplan import parallel
 from autoplan.datasets import import_dataset
 from autoplan.errors import InputError
+from autoplan.evaluation import segmentation_metrics
 from autoplan.fingerprint import fingerprint_dataset
+from autoplan.jsonio import dumps
 from autoplan.planning import Configuration, Plan
 from autoplan.preprocessing import preprocess_dataset
 
@@ -115,6 +118,25 @@ def test_environment_variable_selects_the_cluster(cluster, monkeypatch):
     assert os.getpid() not in worker_pids
     monkeypatch.delenv(parallel.SCHEDULER_VARIABLE)
     assert parallel.parallel_map(_worker_pid, range(3), n_jobs=1) == [os.getpid()] * 3
+
+
+def test_evaluation_metrics_on_the_cluster_equal_local(cluster):
+    # the label maps travel to the workers as scattered data, not inside the task graph
+    rng = np.random.default_rng(0)
+    cases = []
+    for index in range(6):
+        reference = np.zeros((20, 40, 40), np.uint8)
+        reference[5:15, 10:30, 10 + index:30] = 1
+        reference[8:12, 15:20, 15:20] = 2
+        prediction = np.where(rng.random(reference.shape) < 0.02, 1, reference).astype(np.uint8)
+        cases.append({"case": f"c{index}", "prediction": prediction, "reference": reference,
+                      "spacing": (3.0, 0.8, 0.8)})
+    labels = {"1": "organ", "2": "lesion"}
+    local = segmentation_metrics(cases, labels, n_jobs=2)
+    with parallel.use_scheduler(cluster.scheduler_address):
+        remote = segmentation_metrics(cases, labels, n_jobs=2)
+    assert [case["case"] for case in remote["per_case"]] == [f"c{index}" for index in range(6)]
+    assert dumps(remote) == dumps(local)
 
 
 def _late_or_early_failure(item):
