@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from autoplan import __version__, pipeline
+from autoplan import __version__, parallel, pipeline
 from autoplan.datasets import import_dataset
 from autoplan.errors import InputError
 from autoplan.fingerprint import format_fingerprint_summary
@@ -37,6 +37,8 @@ def _add_folders(parser, raw=True, preprocessed=True, results=True):
     if results:
         parser.add_argument("--results", help="results folder (env AUTOPLAN_RESULTS, default ./results)")
     parser.add_argument("--n-jobs", type=int, default=None, help=N_JOBS_HELP)
+    parser.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                        help="Dask scheduler for per-case work (env AUTOPLAN_SCHEDULER; needs autoplan[cluster])")
 
 
 def _add_plan_options(parser):
@@ -456,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        parallel.use_scheduler(getattr(args, "scheduler", None))   # connects now: a bad address fails first
         return COMMANDS[args.command].run(args) or 0
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
