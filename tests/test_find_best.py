@@ -217,3 +217,48 @@ def test_plan_and_train_find_best_trains_every_configuration_then_chooses(tmp_pa
     assert "budget: no time budget: 2 configuration(s) x 4 folds" in printed and "chosen: " in printed
     choice = BestChoice.load(folders.results / "TaskFour" / "best.json")
     assert choice.n_cases == 4 and len(choice.candidates) == 3
+
+
+@pytest.mark.slow
+def test_train_missing_fills_the_folds_a_run_lacks_with_its_own_options(trained):
+    dataset, folders = trained["dataset"], trained["folders"]
+    pipeline.train(dataset, folders, TrainOptions(configuration="2d", fold="0", run_name="one-fold", loss="ce",
+                                                  **TINY))
+    run = folders.results / "TaskBlobs" / "2d" / "one-fold"
+    try:
+        choice = pipeline.find_best(dataset, folders, folds=[0, 1], tta=False, train_missing=True)
+        assert (run / "fold_1" / "checkpoint_final.pt").is_file()
+        from autoplan.runs import RunSpec
+
+        spec = RunSpec.load(run / "fold_1" / "plan.json")
+        assert spec.fold == 1 and spec.configuration.loss == "ce" and spec.options.epochs == TINY["epochs"]
+        assert "2d/one-fold" in {c.label for c in choice.candidates}
+    finally:
+        import shutil
+
+        shutil.rmtree(run)
+
+
+@pytest.mark.slow
+def test_classifiers_are_compared_by_balanced_accuracy(tmp_path, capsys):
+    from autoplan.demo import DERM_CLASSES, write_demo_sources
+
+    sources = write_demo_sources(tmp_path / "sources", n_xray=2, n_derm_per_class=6)
+    folders = resolve_folders(tmp_path / "raw", tmp_path / "pre", tmp_path / "results")
+    dataset = import_dataset("DemoDerm", sources["derm_images"], folders.raw, labels_csv=sources["derm_labels"],
+                             id_column="image_id", label_column="dx", group_column="patient", quiet=True, n_jobs=1)
+    pipeline.plan(dataset, folders, device="cpu", n_jobs=1)
+    for loss in ("ce", "ce_focal"):
+        pipeline.train(dataset, folders, TrainOptions(fold="all", loss=loss, **TINY))
+    choice = pipeline.find_best(dataset, folders, tta=False)
+    assert choice.metric == "balanced_accuracy" and choice.n_cases == len(dataset.cases)
+    assert len(choice.candidates) == 3 and set(choice.candidates[0].per_label) == set(DERM_CLASSES)
+    for candidate in choice.candidates:
+        assert 0.0 <= candidate.score <= 1.0 and not candidate.postprocessing
+    # balanced accuracy is the mean of the per-class recalls
+    assert choice.chosen.score == pytest.approx(np.mean(list(choice.chosen.per_label.values())))
+    print(pipeline.describe_choice(choice, folders))
+    table = capsys.readouterr().out
+    assert "| candidate | balanced_accuracy | blob | ring | speckle |" in table
+    predictions = predict_folder(folders.results / "DemoDerm", sources["derm_new"], tmp_path / "out", tta=False)
+    assert predictions["n_predicted"] == len(DERM_CLASSES)
