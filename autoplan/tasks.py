@@ -165,6 +165,7 @@ class ClassificationTask(_Task):
         index = read_json(self.preprocessed_dir / "index.json")
         self.cases = index["cases"]
         self.labels = np.asarray(index["labels"], dtype=np.int64)
+        self.groups = index.get("groups")      # lesion/patient per image: the intervals resample whole groups
         self.images = np.load(self.preprocessed_dir / "images.npy", mmap_mode="r")
         position = {case: i for i, case in enumerate(self.cases)}
         self.train_indices = np.array([position[c] for c in split["train"]])
@@ -255,7 +256,8 @@ class ClassificationTask(_Task):
             for start in range(0, len(self.val_indices), 64)])
         y_true = self.labels[self.val_indices]
         cases = [self.cases[i] for i in self.val_indices]
-        metrics = classification_metrics(y_true, probabilities, self.classes, cases)
+        groups = [self.groups[i] for i in self.val_indices] if self.groups else None
+        metrics = classification_metrics(y_true, probabilities, self.classes, cases, groups=groups)
         write_json(Path(run_dir) / "metrics.json", metrics)
         gradcam = gradcam_samples(network, np.asarray(self.images[self.val_indices]), y_true,
                                   probabilities, self.classes, self.configuration, cases, device=device)
