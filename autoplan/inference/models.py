@@ -45,8 +45,9 @@ def load_ensemble(model_dir, device="cpu") -> Ensemble:
     return Ensemble(spec=specs[0], networks=networks, fold_dirs=folds)
 
 
-def _identity(spec: RunSpec) -> tuple:
-    """What runs ensembled across configurations must share (classifiers: one input size too)."""
+def ensemble_identity(spec: RunSpec) -> tuple:
+    """What runs ensembled across configurations must share (classifiers: one input size too,
+    since predict resizes each image once); find-best pairs only runs that share it."""
     size = list(spec.configuration.patch_size) if spec.task_type == "classification" else None
     return spec.task_type, spec.labels, spec.classes, size
 
@@ -66,7 +67,7 @@ def load_choice(path, device="cpu"):
         ensembles.append(load_ensemble(member.folder(folder), device))
     for member, ensemble in zip(choice.chosen.members[1:], ensembles[1:]):
         first = ensembles[0].spec
-        if _identity(ensemble.spec) != _identity(first):
+        if ensemble_identity(ensemble.spec) != ensemble_identity(first):
             raise InputError(member.folder(folder), f"cannot be ensembled with {choice.chosen.members[0].label}: "
                                                     "different task, labels, classes or classifier input size")
     return ensembles, dict(choice.chosen.postprocessing)

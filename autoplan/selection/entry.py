@@ -1,5 +1,7 @@
 """``find_best``: compare, choose, write ``RESULTS/NAME/best.json``; and the table it prints."""
 
+import numpy as np
+
 from autoplan.artifacts import BEST_FILE, BestChoice
 from autoplan.errors import InputError
 from autoplan.paths import splits_file
@@ -57,7 +59,7 @@ def find_best(dataset, folders, folds=None, tta: bool = True, device="cpu", trai
     scoring = segmentation_scores if dataset.task_type != "classification" else classification_scores
     with torch_threads(n_jobs):
         scores = scoring(dataset, splits, folds, candidates, tta=tta, device=device)
-    ranked = sorted(scores.values(), key=lambda s: (-(s.score if s.score == s.score else -1.0), len(s.members)))
+    ranked = sorted(scores.values(), key=lambda s: (-np.nan_to_num(s.score, nan=-1.0), len(s.members)))
     n_cases = sum(len(splits[fold]["val"]) for fold in folds)
     metric = METRICS.get(dataset.task_type, METRICS["segmentation"])
     choice = BestChoice(dataset=dataset.name, task_type=dataset.task_type, metric=metric, folds=folds,

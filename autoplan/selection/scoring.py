@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from autoplan.artifacts import CandidateScore
 from autoplan.evaluation import nanmean
 from autoplan.inference.classification import classify_pixels
+from autoplan.inference.models import ensemble_identity
 from autoplan.inference.segmentation import (component_dice, keeps_largest_component, predict_case_probabilities,
                                              probabilities_to_labels)
 from autoplan.io import read_case_images, read_case_labels
@@ -22,17 +23,10 @@ from autoplan.runs import load_trained
 CLASSIFICATION_CHUNK = 64
 
 
-def can_pair(first, second) -> bool:
-    """Two classifiers ensemble only when they take the same input size (``predict`` resizes
-    each image once); segmentation probabilities all live in the input's grid."""
-    if first.task_type != "classification":
-        return True
-    return list(first.configuration.patch_size) == list(second.configuration.patch_size)
-
-
 def entries(specs: list) -> list:
     """Index tuples to score: each candidate alone, then every pair that can be ensembled."""
-    pairs = [pair for pair in itertools.combinations(range(len(specs)), 2) if can_pair(*(specs[i] for i in pair))]
+    pairs = [(i, j) for i, j in itertools.combinations(range(len(specs)), 2)
+             if ensemble_identity(specs[i]) == ensemble_identity(specs[j])]
     return [(i,) for i in range(len(specs))] + pairs
 
 
