@@ -41,6 +41,10 @@ class PredictionSession:
     reasons: dict | None = None     # {case name: [quality reason]}; None: no quality reference
     failures: list = field(default_factory=list)   # one line per case that failed
 
+    def __post_init__(self):
+        # Probabilities in the input's grid (K float32 per voxel) only when they are written.
+        self.predictor.keep_probabilities = self.save_probabilities
+
     @property
     def ensemble(self) -> Ensemble:
         return self.predictor.ensemble

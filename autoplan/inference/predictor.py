@@ -21,7 +21,7 @@ import torch
 from autoplan.errors import InputError
 from autoplan.inference.classification import classify_pixels
 from autoplan.inference.models import Ensemble, load_choice, load_ensemble
-from autoplan.inference.segmentation import apply_postprocessing, predict_case_probabilities, probabilities_to_labels
+from autoplan.inference.segmentation import apply_postprocessing, predict_case
 from autoplan.io import ImageData
 from autoplan.preprocessing import load_classification_image
 
@@ -40,6 +40,10 @@ class Predictor:
         self.tta = tta
         self.device = torch.device(device) if isinstance(device, str) else device
         self.postprocessing = self.spec.postprocessing if postprocessing is None else postprocessing
+        # segment() makes the probabilities in the input's grid only while this is true (a
+        # 512 x 512 x 400 CT with 4 classes: 1.7 GB); predict and evaluate set it per command.
+        self.keep_probabilities = True
+        self.clock = None          # {stage: seconds} to add segment()'s stage times to (benchmarks)
 
     @classmethod
     def load(cls, path, device="cpu", tta: bool = True) -> "Predictor":
@@ -84,19 +88,29 @@ class Predictor:
         """Label map of one image given as an array: ``(C, [Z,] Y, X)`` channel-first, or
         ``([Z,] Y, X)`` for a one-channel model; ``spacing`` per spatial axis in the same
         (array) order, in mm (default 1.0, as for images that store none). Returns the label
-        map in the input's grid, or ``(labels, probabilities (K, ...))``."""
+        map in the input's grid, or ``(labels, probabilities (K, ...))``: the probabilities
+        cost K float32 values per voxel of the input, the labels alone a few slices of them."""
         self._require("segmentation")
-        labels, probabilities = self.segment(self._image(array, spacing))
+        keep, self.keep_probabilities = self.keep_probabilities, return_probabilities
+        try:
+            labels, probabilities = self.segment(self._image(array, spacing))
+        finally:
+            self.keep_probabilities = keep
         return (labels, probabilities) if return_probabilities else labels
 
     def segment(self, image: ImageData, case_id: str = "case") -> tuple:
-        """(label map after the run's post-processing, probabilities) of an ``ImageData``."""
+        """(label map after the run's post-processing, probabilities or None) of an ``ImageData``.
+
+        The probabilities ``(K, ...)`` in the input's grid are made only while
+        ``keep_probabilities`` is true (the default); otherwise None, and the case is
+        reverted to its own grid a few slices at a time (memory bounded by the patch and a
+        few slices, not by the volume times the classes).
+        """
         self._require("segmentation")
-        probabilities = _average([predict_case_probabilities(ensemble.networks, ensemble.spec, image, self.tta,
-                                                             self.device, case_id)[0]
-                                  for ensemble in self.ensembles])
-        labels = apply_postprocessing(probabilities_to_labels(probabilities, self.spec), self.postprocessing)
-        return labels, probabilities
+        prediction = predict_case([(ensemble.networks, ensemble.spec) for ensemble in self.ensembles], image,
+                                  self.tta, self.device, case_id, with_probabilities=self.keep_probabilities,
+                                  clock=self.clock)
+        return apply_postprocessing(prediction.labels, self.postprocessing), prediction.probabilities
 
     @property
     def image_dim(self) -> int:

@@ -1,6 +1,10 @@
 """One segmentation case: preprocess as in training, sliding window with every network of an
-ensemble, back into the original grid; labels from probabilities; the post-processing
-(keep the largest component) that training decides on validation and prediction applies."""
+ensemble, back into the original grid slab by slab (``predict_case``); labels from probabilities;
+the post-processing (keep the largest component) that training decides on validation and
+prediction applies."""
+
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -8,7 +12,8 @@ from scipy import ndimage
 
 from autoplan import preprocessing
 from autoplan.evaluation import dice, nanmean
-from autoplan.inference.sliding_window import sliding_window_predict
+from autoplan.inference.sliding_window import sliding_window_slabs
+from autoplan.preprocessing.case import OriginalGrid
 from autoplan.runs import RunSpec
 
 
@@ -20,6 +25,75 @@ def default_mirror_axes(spec: RunSpec, tta: bool):
     return tuple(range(len(spec.configuration.patch_size))) if axes is None else tuple(axes)
 
 
+# Rows of the original grid reverted and labelled at a time: K x rows x plane float32 values up to
+# this many (32 MB), so the label path's memory is a few slices, not the volume times the classes.
+REVERT_CHUNK_VALUES = 2 ** 23
+
+
+@dataclass
+class CasePrediction:
+    """One case in its own grid: the label map (dataset ids, before post-processing), the
+    probabilities ``(K, ...)`` when asked for (else None), each member's CaseProperties."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    properties: list
+
+
+def _label_lookup(spec: RunSpec, n_classes: int):
+    """Channel k -> label id (the k-th smallest id), or None where the ids do not match the channels."""
+    values = np.asarray(sorted(int(v) for v in spec.labels.values()) or range(n_classes))
+    return values if len(values) == n_classes else None
+
+
+def _member_rows(networks: list, spec: RunSpec, image, tta: bool, device, case_id: str, clock: dict | None):
+    """(OriginalGrid of one member's probabilities, its CaseProperties): preprocessing now,
+    the sliding window lazily, slab by slab, as the grid's rows are asked for."""
+    configuration = spec.configuration
+    started = time.perf_counter()
+    data, _, properties = preprocessing.preprocess_case(image, None, configuration, case_id)
+    _tick(clock, "preprocess", started)
+    slabs = sliding_window_slabs(networks, torch.from_numpy(np.asarray(data, dtype=np.float32)),
+                                 configuration.patch_size, configuration.n_outputs,
+                                 mirror_axes=default_mirror_axes(spec, tta), device=device)
+    return OriginalGrid(_timed(slabs, clock, "network"), properties, configuration, configuration.n_outputs), properties
+
+
+def predict_case(members: list, image, tta: bool = True, device="cpu", case_id: str = "case",
+                 with_probabilities: bool = False, clock: dict | None = None) -> CasePrediction:
+    """Labels (and, when asked, probabilities) of one case from ``members`` [(networks, spec)]:
+    each member's folds averaged in its working grid, the members averaged in the original grid.
+
+    Each member's sliding window finishes its working grid slab by slab; those are resampled
+    back to the original grid (as ``revert_to_original`` does) a few rows at a time, averaged
+    over members, and the most probable label taken, so without ``with_probabilities`` memory
+    stays at a few rows of K-class probabilities plus one label map (docs/predict.md, Memory).
+    ``clock`` ({stage: seconds}) gets preprocess / network / revert (resampling back and labels).
+    """
+    spec = members[0][1]
+    grids, properties = zip(*[_member_rows(networks, member_spec, image, tta, device, case_id, clock)
+                              for networks, member_spec in members])
+    n_classes, shape = grids[0].n_classes, grids[0].shape
+    lookup = _label_lookup(spec, n_classes)
+    biggest = int(lookup.max()) if lookup is not None else n_classes - 1
+    labels = np.empty(shape, dtype=np.uint8 if biggest < 256 else np.uint16)
+    probabilities = np.empty((n_classes, *shape), dtype=np.float32) if with_probabilities else None
+    rows_per_chunk = max(1, REVERT_CHUNK_VALUES // (n_classes * int(np.prod(shape[1:]))))
+    for first in range(0, shape[0], rows_per_chunk):
+        started, network_before = time.perf_counter(), (clock or {}).get("network", 0.0)
+        chunks = [grid.rows(rows_per_chunk) for grid in grids]     # runs the networks as needed
+        mean = chunks[0] if len(chunks) == 1 else np.mean(chunks, axis=0).astype(np.float32)
+        index = mean.argmax(axis=0)
+        labels[first:first + len(index)] = lookup[index] if lookup is not None else index
+        if probabilities is not None:
+            probabilities[:, first:first + len(index)] = mean
+        if clock is not None:    # the networks ran inside grid.rows: their time is theirs
+            _tick(clock, "revert", started + clock.get("network", 0.0) - network_before)
+    if labels.dtype == np.uint16 and labels.max(initial=0) < 256:
+        labels = labels.astype(np.uint8)
+    return CasePrediction(labels, probabilities, list(properties))
+
+
 def predict_case_probabilities(networks: list, spec: RunSpec, image, tta: bool = True, device="cpu",
                                case_id: str = "case"):
     """(probabilities ``(K, *original spatial shape)``, CaseProperties) for one segmentation case.
@@ -27,17 +101,26 @@ def predict_case_probabilities(networks: list, spec: RunSpec, image, tta: bool =
     Exactly the training preprocessing, the sliding window with every network (the folds
     of an ensemble), probabilities averaged, then resampled back into the original grid.
     """
-    configuration = spec.configuration
-    data, _, properties = preprocessing.preprocess_case(image, None, configuration, case_id)
-    mirror_axes = default_mirror_axes(spec, tta)
-    total = None
-    for network in networks:
-        probabilities = sliding_window_predict(network, torch.from_numpy(np.asarray(data, dtype=np.float32)),
-                                               configuration.patch_size, configuration.n_outputs,
-                                               mirror_axes=mirror_axes, device=device)
-        total = probabilities if total is None else total + probabilities
-    mean = (total / len(networks)).numpy()
-    return np.asarray(preprocessing.revert_to_original(mean, properties, configuration), dtype=np.float32), properties
+    prediction = predict_case([(networks, spec)], image, tta, device, case_id, with_probabilities=True)
+    return prediction.probabilities, prediction.properties[0]
+
+
+def _tick(clock: dict | None, stage: str, started: float) -> None:
+    if clock is not None:
+        clock[stage] = clock.get(stage, 0.0) + time.perf_counter() - started
+
+
+def _timed(slabs, clock: dict | None, stage: str):
+    """The slabs of a generator, the time spent making each one added to ``clock[stage]``."""
+    iterator = iter(slabs)
+    while True:
+        started = time.perf_counter()
+        try:
+            slab = next(iterator)
+        except StopIteration:
+            return
+        _tick(clock, stage, started)
+        yield slab
 
 
 def probabilities_to_labels(probabilities: np.ndarray, spec: RunSpec) -> np.ndarray:

@@ -4,6 +4,7 @@
 final validation and prediction both call it, so they are the same code.
 """
 
+import contextlib
 import itertools
 from functools import lru_cache
 
@@ -99,14 +100,96 @@ def _forward_logits(network, batch: torch.Tensor, flips: list) -> torch.Tensor:
     return total / len(flips)
 
 
-def _zeroed_sums(n_classes: int, spatial: tuple, device: torch.device) -> tuple:
-    """(logit sum, weight sum, where they live): on ``device``, or on the CPU where they do not fit."""
+def _zeroed_sums(n_networks: int, n_classes: int, spatial: tuple, device: torch.device) -> tuple:
+    """(logit sums per network, weight sum, where they live): on ``device``, or on the CPU where they do not fit."""
     try:
-        return (torch.zeros((n_classes, *spatial), dtype=torch.float32, device=device),
+        return (torch.zeros((n_networks, n_classes, *spatial), dtype=torch.float32, device=device),
                 torch.zeros(spatial, dtype=torch.float32, device=device), device)
     except torch.OutOfMemoryError:
-        return (torch.zeros((n_classes, *spatial), dtype=torch.float32),
+        return (torch.zeros((n_networks, n_classes, *spatial), dtype=torch.float32),
                 torch.zeros(spatial, dtype=torch.float32), torch.device("cpu"))
+
+
+def _finished_slab(logits_sum, weight_sum, depth: int, crop: tuple, offset: int) -> tuple:
+    """(first row, probabilities) of the first ``depth`` rows of a slab, no tile touching them
+    any more: logits divided by the summed weights, softmax per network, then the networks'
+    mean (in that order, as one network's whole-volume result is averaged with the next)."""
+    rows = crop[1]
+    lo, hi = max(offset, rows.start), min(offset + depth, rows.stop)
+    if hi <= lo:
+        return lo - rows.start, None
+    window = (slice(lo - offset, hi - offset),) + tuple(crop[2:])
+    total = None
+    for logits in logits_sum:
+        probabilities = torch.softmax(logits[(slice(None),) + window] / weight_sum[window], dim=0)
+        total = probabilities if total is None else total + probabilities
+    mean = total / len(logits_sum) if len(logits_sum) > 1 else total
+    return lo - rows.start, mean.float().cpu()
+
+
+def sliding_window_slabs(networks, data, patch_size, n_classes: int, step: float = 0.5, mirror_axes=None,
+                         device="cpu", batch_size: int = 1):
+    """Yield (first row, probabilities ``(K, rows, *rest)``) of ``data`` ``(C, *spatial)`` slab by
+    slab along the first spatial axis, every network's softmax averaged (the folds of a run).
+
+    Tiles run in order of that axis, so once the tiles starting at one row are done every row
+    before the next start is final: it is finished and handed on, and the sums keep only the
+    rows a later tile still adds to. Memory is (networks x K x tile depth x the other axes),
+    not the volume times the classes; each row is the sum of the same tiles in the same order
+    as a whole-volume sum would give. Long because it runs the whole tile loop.
+    """
+    device = torch.device(device)
+    networks = list(networks) if isinstance(networks, (list, tuple)) else [networks]
+    data = torch.as_tensor(data, dtype=torch.float32)
+    patch = [int(p) for p in patch_size]
+    n_slice_axes = data.ndim - 1 - len(patch)
+    if n_slice_axes < 0:
+        raise ValueError(f"data of shape {tuple(data.shape)} has fewer spatial axes than the patch {patch}")
+    window = [1] * n_slice_axes + patch
+    padded, crop = _pad_to_window(data, window)
+    spatial = tuple(padded.shape[1:])
+    starts = sliding_window_starts(spatial, window, step)
+    flips = _mirror_combinations(mirror_axes)
+    gaussian = gaussian_importance_map(patch).to(device)
+    slab_shape = (window[0], *spatial[1:])
+    batch_size = max(1, int(batch_size))
+    sums = None
+    for index, row in enumerate(starts[0]):
+        # The networks' modes are entered per row, not across a yield: the caller's code between
+        # slabs must not run in inference mode or autocast.
+        with contextlib.ExitStack() as stack:
+            for network in networks:
+                stack.enter_context(predicting(network, device))
+            if sums is None:
+                sums = _zeroed_sums(len(networks), n_classes, slab_shape, device)
+            logits_sum, weight_sum, accumulate_on = sums
+            gaussian_acc = gaussian.reshape(window).to(accumulate_on)
+            tiles = [(0, *rest) for rest in itertools.product(*starts[1:])]
+            for first in range(0, len(tiles), batch_size):
+                slicers = [tuple(slice(s, s + w) for s, w in zip(start, window))
+                           for start in tiles[first:first + batch_size]]
+                batch = torch.stack([padded[(slice(None), slice(row, row + window[0])) + sl[1:]] for sl in slicers])
+                batch = batch.reshape(len(slicers), data.shape[0], *patch).to(device, non_blocking=True)
+                for logits_of_network, network in zip(logits_sum, networks):
+                    logits = _forward_logits(network, batch, flips)
+                    if logits.shape[1] != n_classes:
+                        raise ValueError(f"network gives {logits.shape[1]} outputs, expected {n_classes}")
+                    logits = (logits * gaussian).to(accumulate_on)
+                    for tile_logits, sl in zip(logits, slicers):
+                        logits_of_network[(slice(None),) + sl] += tile_logits.reshape(n_classes, *window)
+                for sl in slicers:
+                    weight_sum[sl] += gaussian_acc
+            last = index + 1 == len(starts[0])
+            done = window[0] if last else starts[0][index + 1] - row
+            first_row, probabilities = _finished_slab(logits_sum, weight_sum, done, crop, row)
+            if not last:  # keep the rows later tiles still add to, at the top of fresh sums
+                kept = window[0] - done
+                logits_sum[:, :, :kept] = logits_sum[:, :, done:].clone()
+                logits_sum[:, :, kept:] = 0
+                weight_sum[:kept] = weight_sum[done:].clone()
+                weight_sum[kept:] = 0
+        if probabilities is not None:
+            yield first_row, probabilities
 
 
 def sliding_window_predict(network, data, patch_size, n_classes: int, step: float = 0.5,
@@ -118,36 +201,13 @@ def sliding_window_predict(network, data, patch_size, n_classes: int, step: floa
     (axes of the patch, e.g. ``(0, 1, 2)``) every combination of flips is averaged.
     A patch with fewer axes than ``data`` (a 2D network on a volume) is run slice by
     slice along the leading axes. Accumulation stays on ``device`` unless it does not
-    fit there (then on the CPU).
+    fit there (then on the CPU). ``network`` may be a list (the folds of a run): their
+    probabilities are averaged. The whole volume at once; ``sliding_window_slabs`` gives
+    it slab by slab.
     """
-    device = torch.device(device)
     data = torch.as_tensor(data, dtype=torch.float32)
-    patch = [int(p) for p in patch_size]
-    n_slice_axes = data.ndim - 1 - len(patch)
-    if n_slice_axes < 0:
-        raise ValueError(f"data of shape {tuple(data.shape)} has fewer spatial axes than the patch {patch}")
-    window = [1] * n_slice_axes + patch
-    padded, crop = _pad_to_window(data, window)
-    spatial = tuple(padded.shape[1:])
-    tiles = list(itertools.product(*sliding_window_starts(spatial, window, step)))
-    flips = _mirror_combinations(mirror_axes)
-    gaussian = gaussian_importance_map(patch).to(device)
-    logits_sum, weight_sum, accumulate_on = _zeroed_sums(n_classes, spatial, device)
-    gaussian_acc = gaussian.reshape(window).to(accumulate_on)
-    batch_size = max(1, int(batch_size))
-    with predicting(network, device):
-        for first in range(0, len(tiles), batch_size):
-            slicers = [tuple(slice(s, s + w) for s, w in zip(start, window))
-                       for start in tiles[first:first + batch_size]]
-            batch = torch.stack([padded[(slice(None),) + sl] for sl in slicers])
-            batch = batch.reshape(len(slicers), data.shape[0], *patch).to(device, non_blocking=True)
-            logits = _forward_logits(network, batch, flips)
-            if logits.shape[1] != n_classes:
-                raise ValueError(f"network gives {logits.shape[1]} outputs, expected {n_classes}")
-            logits = (logits * gaussian).to(accumulate_on)
-            for tile_logits, sl in zip(logits, slicers):
-                logits_sum[(slice(None),) + sl] += tile_logits.reshape(n_classes, *window)
-                weight_sum[sl] += gaussian_acc
-    logits_sum /= weight_sum
-    probabilities = torch.softmax(logits_sum[crop], dim=0)
-    return probabilities.float().cpu()
+    result = torch.empty((n_classes, *data.shape[1:]), dtype=torch.float32)
+    for first_row, probabilities in sliding_window_slabs(network, data, patch_size, n_classes, step,
+                                                        mirror_axes, device, batch_size):
+        result[:, first_row:first_row + probabilities.shape[1]] = probabilities
+    return result

@@ -15,7 +15,7 @@ from autoplan.errors import InputError
 from autoplan.fingerprint.geometry import bounding_box
 from autoplan.jsonio import JsonDataclass, atomic_write_text, to_jsonable
 from autoplan.preprocessing.normalization import normalize
-from autoplan.preprocessing.resampling import coarse_axis, resample, resample_labels
+from autoplan.preprocessing.resampling import SlabResampler, can_stream, coarse_axis, resample, resample_labels
 
 # Foreground locations kept per label for oversampling (nnU-Net: 10000, at least 1 %).
 N_CLASS_LOCATIONS = 10000
@@ -176,3 +176,51 @@ def revert_to_original(probabilities, properties: CaseProperties, configuration=
     window = (slice(None),) + tuple(slice(lo, hi) for lo, hi in properties.crop_bbox)
     result[window] = cropped
     return result
+
+
+class OriginalGrid:
+    """Probabilities of one case's working grid, arriving in slabs along the first spatial axis
+    (``(K, rows, ...)``, as the sliding window finishes them), handed out in the original grid a
+    few rows at a time (``rows(n)``): resampled as ``revert_to_original`` resamples (linear,
+    nearest along a coarse axis) and uncropped (background outside the crop box).
+
+    Only a few rows of either grid are held at once, so reverting costs memory of the order of
+    (K x a few rows), not (K x the volume). Grids ``SlabResampler`` cannot stream (2D images,
+    a coarse axis other than the first) are collected and reverted whole, exactly as before.
+    """
+
+    def __init__(self, slabs, properties: CaseProperties, configuration, n_classes: int):
+        self.n_classes = int(n_classes)
+        self.shape = [int(n) for n in properties.original_shape]
+        self.position = 0
+        self._box = [tuple(int(v) for v in pair) for pair in properties.crop_bbox]
+        spacing = properties.original_spacing
+        target = properties.spacing_after_resampling or (
+            target_spacing_for(spacing, configuration) if configuration is not None else spacing)
+        axis = coarse_axis(spacing, target)
+        if can_stream(len(self.shape), axis):
+            self._source = SlabResampler((slab for _, slab in slabs), properties.shape_after_resampling,
+                                         properties.shape_after_crop, axis)
+        else:
+            whole = np.empty((self.n_classes, *properties.shape_after_resampling), dtype=np.float32)
+            for first, slab in slabs:
+                whole[:, first:first + slab.shape[1]] = slab
+            self._whole = revert_to_original(whole, properties, configuration)
+            self._source = None
+
+    def rows(self, n: int) -> np.ndarray:
+        """The next ``n`` rows (fewer at the end) of the original grid, ``(K, rows, ...)`` float32."""
+        stop = min(self.position + int(n), self.shape[0])
+        if stop <= self.position:
+            raise ValueError("no rows left")
+        first, self.position = self.position, stop
+        if self._source is None:
+            return self._whole[:, first:stop]
+        out = np.zeros((self.n_classes, stop - first, *self.shape[1:]), dtype=np.float32)
+        out[0] = 1.0                      # background outside the crop box
+        (lo, hi), plane = self._box[0], tuple(slice(a, b) for a, b in self._box[1:])
+        inside = range(max(first, lo), min(stop, hi))
+        if inside:
+            out[(slice(None), slice(inside[0] - first, inside[-1] + 1 - first)) + plane] = \
+                self._source.take(len(inside))
+        return out

@@ -96,3 +96,105 @@ def resample_labels(labels, new_shape, coarse=None):
         result[better] = label
         best[better] = score[better]
     return result
+
+
+# ============================================================================ slab by slab
+
+
+def linear_source_rows(n_in: int, n_out: int) -> tuple:
+    """(lower row, upper row, upper weight) of every output row under linear resampling, by
+    torch's rule for ``interpolate(align_corners=False)`` (what ``resample`` uses), in float32."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    source = scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+    source = np.maximum(source, np.float32(0))
+    lower = np.minimum(np.floor(source).astype(np.int64), n_in - 1)
+    upper = np.minimum(lower + 1, n_in - 1)
+    weight = np.clip(source - lower.astype(np.float32), 0, 1).astype(np.float32)
+    return lower, upper, weight
+
+
+def nearest_source_rows(n_in: int, n_out: int) -> np.ndarray:
+    """The source row of every output row under ``_zoom(order=0)`` (the coarse axis): the rows'
+    own indices zoomed the same way, so the rule is scipy's, not a copy of it."""
+    return np.rint(_zoom(np.arange(n_in, dtype=np.float64), [n_out], 0)).astype(np.int64)
+
+
+class SlabResampler:
+    """A ``(C, N, *plane)`` volume that arrives in slabs along N, resampled as ``resample(order=1,
+    coarse=...)`` resamples it whole, and handed out a few output rows at a time.
+
+    Resampling is separable: each needed source row is resampled in-plane once (bilinear as
+    torch's trilinear, or scipy's order-1 zoom when axis 0 is the coarse axis), then output rows
+    are linear blends of two such planes (nearest along a coarse axis). Only the planes the next
+    output rows need are held, so memory is a few rows, not the volume. ``coarse`` must be None
+    or 0 (see ``can_stream``).
+    """
+
+    def __init__(self, slabs, source_shape, new_shape, coarse=None):
+        if coarse not in (None, 0):
+            raise ValueError(f"slab resampling runs along axis 0; the coarse axis is {coarse}")
+        self._slabs, self._coarse = iter(slabs), coarse
+        n_in, n_out = int(source_shape[0]), int(new_shape[0])
+        self._plane_in = [int(n) for n in source_shape[1:]]
+        self._plane_out = [int(n) for n in new_shape[1:]]
+        if n_in == n_out or coarse == 0:
+            rows = np.arange(n_out) if n_in == n_out else nearest_source_rows(n_in, n_out)
+            self._lower, self._upper, self._weight = rows, rows, None
+        else:
+            self._lower, self._upper, self._weight = linear_source_rows(n_in, n_out)
+        self._needed = set(self._lower.tolist()) | set(self._upper.tolist())
+        self._planes, self._loaded, self.position, self.n_rows = {}, 0, 0, n_out
+
+    def take(self, n: int) -> np.ndarray:
+        """The next ``n`` output rows (fewer at the end), ``(C, rows, *new plane)`` float32."""
+        rows = range(self.position, min(self.position + int(n), self.n_rows))
+        if not rows:
+            raise ValueError("no rows left")
+        while self._loaded <= self._upper[rows[-1]]:
+            self._load(next(self._slabs))
+        first = self._planes[self._lower[rows[0]]]
+        out = np.empty((first.shape[0], len(rows), *first.shape[1:]), dtype=np.float32)
+        for k, row in enumerate(rows):
+            lower = self._planes[self._lower[row]]
+            if self._weight is None:
+                out[:, k] = lower
+            else:
+                upper_weight = self._weight[row]
+                out[:, k] = (np.float32(1) - upper_weight) * lower + upper_weight * self._planes[self._upper[row]]
+        self.position = rows[-1] + 1
+        keep_from = self._lower[self.position] if self.position < self.n_rows else self._loaded
+        for row in [r for r in self._planes if r < keep_from]:
+            del self._planes[row]
+        return out
+
+    def _load(self, slab) -> None:
+        slab = np.asarray(slab, dtype=np.float32)
+        first = self._loaded
+        self._loaded += slab.shape[1]
+        wanted = [r for r in range(first, self._loaded) if r in self._needed]
+        if not wanted:
+            return
+        planes = self._resample_planes(slab[:, [r - first for r in wanted]])
+        for k, row in enumerate(wanted):
+            self._planes[row] = planes[:, k]
+
+    def _resample_planes(self, rows: np.ndarray) -> np.ndarray:
+        if self._plane_in == self._plane_out:
+            return rows
+        if self._coarse == 0:   # as _resample_channel: scipy's order-1 zoom plane by plane
+            return np.stack([np.stack([_zoom(plane, self._plane_out, 1) for plane in channel]) for channel in rows])
+        import torch
+
+        tensor = torch.from_numpy(np.ascontiguousarray(rows))
+        mode = "bilinear" if len(self._plane_out) == 2 else "linear"
+        with torch.inference_mode():
+            # rows as the batch, channels as channels: each row resampled in-plane alone
+            result = torch.nn.functional.interpolate(tensor.transpose(0, 1), size=self._plane_out, mode=mode,
+                                                     align_corners=False)
+        return result.transpose(0, 1).numpy()
+
+
+def can_stream(n_spatial: int, coarse) -> bool:
+    """Whether ``SlabResampler`` reproduces ``resample(order=1)`` for this grid: volumes whose
+    coarse axis, if any, is the first (the slab axis); otherwise resample whole."""
+    return n_spatial == 3 and coarse in (None, 0)
