@@ -14,7 +14,7 @@ from autoplan.jsonio import JsonDataclass
 
 @dataclass
 class Configuration:
-    name: str                          # '2d' | '3d_fullres' | '3d_lowres' | 'classifier'
+    name: str                          # '2d' | '3d_fullres' | '3d_lowres' | '3d_cascade_fullres' | 'classifier'
     dim: int                           # 2 | 3
     patch_size: list                   # array axis order; classifier: input size [H, W]
     batch_size: int
@@ -45,12 +45,27 @@ class Configuration:
     precision: str = ""                # autocast in training: 'fp16' | 'bf16' | 'fp32' ('': fp16 on CUDA,
                                        #   fp32 on CPU, as plans made before the field)
     field_of_view: dict = field(default_factory=dict)   # {"mode": "fit", "working_size": [H, W]} for images
-
+    # The cascade (nnU-Net's 3d_cascade_fullres): the configuration whose predicted labels are
+    # appended to the image as one-hot channels, one per foreground label id 1 .. n_outputs - 1
+    # (so n_input_channels = image channels + n_outputs - 1, normalisation "none" for those).
+    previous_stage: str = ""           # '' | '3d_lowres'
+    previous_stage_run: str = ""       # set by training: the run RESULTS/NAME/PREVIOUS_STAGE/RUN whose
+                                       #   out-of-fold predictions trained this one, and that prediction runs first
 
     @property
     def is_classifier(self) -> bool:
         """The classifier configuration (a ResNet on whole images), not a U-Net's."""
         return self.name == "classifier"
+
+    @property
+    def n_previous_stage_channels(self) -> int:
+        """One-hot channels of the previous stage's labels (foreground only), 0 without one."""
+        return self.n_outputs - 1 if self.previous_stage else 0
+
+    @property
+    def n_image_channels(self) -> int:
+        """Channels of the images themselves: what a case file or an array given to predict has."""
+        return self.n_input_channels - self.n_previous_stage_channels
 
 
 @dataclass

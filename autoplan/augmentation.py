@@ -18,6 +18,9 @@ spatial transform crops the centre back to the patch, and the last step renames
 - ``light`` is the classic Keras recipe: rotation ±10°, shifts ±10 % of the patch,
   zoom 0.8-1.2, horizontal flip only.
 - ``none``: the patch as sampled.
+- A cascade (``previous_stage_labels``) appends the previous stage's labels as one-hot data
+  channels after all of these, perturbed as nnU-Net v2 does (random ball morphology, p=0.4;
+  one random small connected component removed, p=0.2) except with ``none``.
 
 The classification preset (``classification_transforms``) applies one affine per image
 (random resized crop of 70-100 % of the area, horizontal and vertical flips — dermoscopy
@@ -39,6 +42,7 @@ from batchgenerators.transforms.resample_transforms import SimulateLowResolution
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 from PIL import Image
 
+from autoplan.cascade_transforms import cascade_transforms
 from autoplan.preprocessing.classification import LUMA_WEIGHTS
 
 PRESETS = ("default", "light", "none")
@@ -187,22 +191,28 @@ class SegToTarget(AbstractTransform):
 
 
 def segmentation_transforms(preset, patch_size, dim, mirror_axes=None, max_rotation_degrees=None,
-                            scale_probability=DEFAULT_SCALE_PROBABILITY) -> Compose:
+                            scale_probability=DEFAULT_SCALE_PROBABILITY, previous_stage_labels=None) -> Compose:
     """batchgenerators pipeline for ``preset`` ('default' | 'light' | 'none').
 
     ``mirror_axes`` (None: every axis) and ``max_rotation_degrees`` come from the plan: a
     dataset whose labels name a side (left/right) must not be mirrored across it.
     ``scale_probability``: how often the default preset zooms a sample (0.7-1.4).
+    ``previous_stage_labels`` (a cascade): ``seg`` carries the previous stage's label map as its
+    second channel; it moves through the spatial transforms as a label map, then becomes one
+    one-hot data channel per listed label (:func:`cascade_transforms`).
     """
     _check_preset(preset)
     patch_size = [int(p) for p in patch_size]
     mirror_axes = tuple(range(dim)) if mirror_axes is None else tuple(int(a) for a in mirror_axes)
     if preset == "none":
-        return Compose([SegToTarget()])
-    if preset == "light":
-        return Compose(_light_transforms(patch_size, dim, mirror_axes, max_rotation_degrees) + [SegToTarget()])
-    return Compose(_default_transforms(patch_size, dim, mirror_axes, max_rotation_degrees, scale_probability)
-                   + [SegToTarget()])
+        transforms = []
+    elif preset == "light":
+        transforms = _light_transforms(patch_size, dim, mirror_axes, max_rotation_degrees)
+    else:
+        transforms = _default_transforms(patch_size, dim, mirror_axes, max_rotation_degrees, scale_probability)
+    if previous_stage_labels:
+        transforms += cascade_transforms(previous_stage_labels, augment=preset != "none")
+    return Compose(transforms + [SegToTarget()])
 
 
 def _mirror(axes) -> list:

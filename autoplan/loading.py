@@ -11,7 +11,8 @@ centred on a voxel of a randomly chosen label present in the case (from
 ``CaseProperties.class_locations``), the rest is placed uniformly; the patch is cut
 larger than the network's patch (``augmentation.sampling_patch_size``) so rotation
 and zoom see real image content, padded with zeros where it leaves the image, and
-cropped back to the patch by the spatial transform.
+cropped back to the patch by the spatial transform. A cascade's batches end with the previous
+stage's prediction as one-hot channels after the image's (``augmentation.cascade_transforms``).
 """
 
 import os
@@ -315,9 +316,13 @@ class SegmentationLoader(_BatchStream):
         max_shift = [int(round(FIELD_OF_VIEW_SHIFT * p)) for p in patch_size] if fits_field_of_view else None
         sampler = _PatchSampler(cases, sample_size, configuration.dim, self.batch_size,
                                 oversample_foreground, seed, infinite, max_shift)
+        # A cascade's cached seg holds the previous stage's labels as a second channel; the
+        # transforms turn it into one-hot data channels after augmenting the image.
+        previous_labels = list(range(1, configuration.n_outputs)) if getattr(configuration, "previous_stage", "") \
+            else None
         transform = _DropKeys(segmentation_transforms(augment, patch_size, configuration.dim,
                                                       getattr(configuration, "mirror_axes", None), max_rotation,
-                                                      scale_probability),
+                                                      scale_probability, previous_labels),
                               ("case_ids",))
         self._start(sampler, transform, n_workers, seed)
 

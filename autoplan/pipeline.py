@@ -36,11 +36,13 @@ def fingerprint(dataset: Dataset, folders: Folders, force=False, n_jobs=None):
 
 
 def plan(dataset: Dataset, folders: Folders, device=None, gpu_memory_gb=None,
-         time_budget_minutes=None, base_features=None, n_jobs=None, field_of_view="auto", plan_from=None) -> Plan:
+         time_budget_minutes=None, base_features=None, n_jobs=None, field_of_view="auto", plan_from=None,
+         lowres="auto") -> Plan:
     """Fingerprint (cached) then plan; writes RESULTS/NAME/plans.json.
 
     ``device=None`` plans for the device training will pick: the GPU when there is one.
     ``plan_from`` (a run) makes that run's configuration the default one (fine-tuning).
+    ``lowres='always'`` plans a 3d_lowres stage and its cascade also where nnU-Net's rule would not.
     """
     from autoplan.planning import cuda_available, plan_dataset
 
@@ -49,7 +51,7 @@ def plan(dataset: Dataset, folders: Folders, device=None, gpu_memory_gb=None,
     widths = {"base_features": base_features} if base_features else {}     # else the planner's default
     result = plan_dataset(dataset, dataset_fingerprint, device=device, gpu_memory_gb=gpu_memory_gb,
                           time_budget_minutes=time_budget_minutes, results_dir=folders.results,
-                          field_of_view=field_of_view, **widths)
+                          field_of_view=field_of_view, lowres=lowres, **widths)
     if plan_from:
         from autoplan.finetune import plan_from_source
 
@@ -72,12 +74,54 @@ def train(dataset: Dataset, folders: Folders, options: TrainOptions, plan_result
 
 
 def plan_and_train(dataset: Dataset, folders: Folders, options: TrainOptions, device=None,
-                   gpu_memory_gb=None, field_of_view="auto", plan_from=None) -> list:
-    planned = plan(dataset, folders, device=device, gpu_memory_gb=gpu_memory_gb,
-                   time_budget_minutes=options.time_budget_minutes,
-                   base_features=options.base_features, n_jobs=options.n_jobs, field_of_view=field_of_view,
-                   plan_from=plan_from)
+                   gpu_memory_gb=None, field_of_view="auto", plan_from=None, lowres="auto") -> list:
+    """Plan, then train ``options.configuration`` (default: the plan's); a cascade trains its
+    first stage's missing folds first (:func:`train_cascade`)."""
+    planning = dict(device=device, gpu_memory_gb=gpu_memory_gb, base_features=options.base_features,
+                    n_jobs=options.n_jobs, field_of_view=field_of_view, plan_from=plan_from, lowres=lowres)
+    planned = plan(dataset, folders, time_budget_minutes=options.time_budget_minutes, **planning)
+    chosen = planned.configurations.get(options.configuration or planned.default_configuration)
+    if chosen is not None and chosen.previous_stage:
+        return train_cascade(dataset, folders, options, planned, planning)
     return train(dataset, folders, options, planned)
+
+
+def train_cascade(dataset: Dataset, folders: Folders, options: TrainOptions, planned: Plan, planning: dict) -> list:
+    """Both stages of a cascade: the first stage (same options) on every fold whose out-of-fold
+    prediction is missing, then the cascade on ``options.fold``. A time budget is shared equally
+    by those runs (``selection.budget.cascade_budget``), the plan re-made for one run's share."""
+    from autoplan.selection.budget import cascade_budget
+    from autoplan.splits import load_or_create_splits
+    from autoplan.training import folds_to_train
+
+    cascade = planned.configurations[options.configuration]
+    splits = load_or_create_splits(dataset, folders.results)
+    cascade_folds = folds_to_train(options.fold, len(splits))
+    first = replace(options, configuration=cascade.previous_stage)
+    minutes, reason = cascade_budget(options.time_budget_minutes, _first_stage_folds(dataset, folders, planned,
+                                                                                       first, splits), cascade_folds)
+    print(f"cascade: {reason}")
+    if minutes:
+        planned = plan(dataset, folders, time_budget_minutes=minutes, **planning)
+    runs = []
+    # again with the plan for the share: its width (and so the run's name) may differ
+    for fold in _first_stage_folds(dataset, folders, planned, first, splits):
+        runs += train(dataset, folders, replace(first, fold=str(fold), time_budget_minutes=minutes), planned)
+    return runs + train(dataset, folders, replace(options, time_budget_minutes=minutes or options.time_budget_minutes),
+                        planned)
+
+
+def _first_stage_folds(dataset: Dataset, folders: Folders, planned: Plan, first: TrainOptions, splits: list) -> list:
+    """The first-stage folds to train: none when a run of it already covers every case, else the
+    folds its run under ``first``'s options lacks."""
+    from autoplan.inference.cascade import out_of_fold_predictions
+    from autoplan.training import effective_configuration, run_folder
+
+    stage_dir = folders.dataset_results(dataset.name) / first.configuration
+    if any(not out_of_fold_predictions(run, splits)[1] for run in stage_dir.glob("*") if run.is_dir()):
+        return []
+    configuration = effective_configuration(planned.configurations[first.configuration], first)
+    return out_of_fold_predictions(run_folder(dataset, configuration, first, folders, 0).parent, splits)[1]
 
 
 def _prediction_device(options: TrainOptions) -> str:

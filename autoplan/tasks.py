@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from autoplan.errors import InputError
 from autoplan.jsonio import read_json, write_json
 from autoplan.planning.classification import EPOCH_VALIDATION_PER_CLASS
 from autoplan.recipe import build_loss
@@ -124,7 +125,8 @@ class SegmentationTask(_Task):
         from autoplan.inference.segmentation import apply_postprocessing, decide_postprocessing
         from autoplan.report import write_segmentation_report
 
-        cases = self._predict_validation_fold(network, device)
+        cases = self._predict_validation_fold(network, device, Path(run_dir))
+        self._keep_out_of_fold(cases, Path(run_dir))
         self.spec.postprocessing = decide_postprocessing([c["prediction"] for c in cases],
                                                          [c["reference"] for c in cases], self.label_ids)
         self.spec.save(Path(run_dir) / "plan.json")
@@ -139,7 +141,30 @@ class SegmentationTask(_Task):
         write_segmentation_report(Path(run_dir), metrics, run_info, samples, log_csv=Path(run_dir) / "log.csv")
         return metrics
 
-    def _predict_validation_fold(self, network, device) -> list:
+    def _keep_out_of_fold(self, cases: list, run_dir: Path) -> None:
+        """A cascade's first stage keeps its validation predictions (before post-processing, as
+        the cascade will see them): the out-of-fold input the cascade trains on."""
+        from autoplan.inference.cascade import save_out_of_fold, saves_out_of_fold
+
+        if saves_out_of_fold(self.configuration):
+            for case in cases:
+                save_out_of_fold(run_dir, case["case"], case["prediction"])
+
+    def _network_input(self, image, case_id: str, run_dir: Path):
+        """The image the network takes: a cascade's gets its first stage's out-of-fold prediction
+        of the case (by the first stage's fold of the same number, which held the case out)."""
+        if not self.configuration.previous_stage:
+            return image
+        from autoplan.inference.cascade import append_previous_stage, out_of_fold_file
+        from autoplan.inference.models import previous_stage_folder
+        from autoplan.preprocessing.cache import load_label_map
+
+        path = out_of_fold_file(previous_stage_folder(run_dir, self.configuration) / f"fold_{self.spec.fold}", case_id)
+        if not path.is_file():
+            raise InputError(path, "missing: the first stage's out-of-fold prediction of a validation case")
+        return append_previous_stage(image, load_label_map(path), self.configuration)
+
+    def _predict_validation_fold(self, network, device, run_dir: Path) -> list:
         """Per validation case {case, image, reference, prediction (before post-processing), spacing}."""
         from autoplan.inference.segmentation import predict_case_probabilities, probabilities_to_labels
         from autoplan.io import read_case_images, read_case_labels
@@ -150,7 +175,8 @@ class SegmentationTask(_Task):
         for case_id in self.split["val"]:
             case = self.dataset.case(case_id)
             image = read_case_images(case)
-            probabilities, _ = predict_case_probabilities([network], self.spec, image, tta=True, device=device)
+            network_input = self._network_input(image, case_id, run_dir)
+            probabilities, _ = predict_case_probabilities([network], self.spec, network_input, tta=True, device=device)
             cases.append({"case": case_id, "image": image.array, "spacing": list(image.spacing),
                           "prediction": probabilities_to_labels(probabilities, self.spec).astype(np.int16),
                           "reference": read_case_labels(case, image, label_ids).astype(np.int16)})

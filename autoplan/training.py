@@ -146,13 +146,19 @@ def train(dataset: Dataset, plan: Plan, options: TrainOptions, folders: Folders)
         from autoplan.finetune import source_spec
 
         source_spec(options.init_from)     # a missing or unreadable source fails before preprocessing too
-    refuse_earlier_runs(dataset, plan.configurations[configuration_name], options, folders, folds)
+    configuration, previous_stage = plan.configurations[configuration_name], None
+    if configuration.previous_stage:      # a cascade trains on its first stage's out-of-fold predictions
+        from autoplan.inference.cascade import previous_stage_inputs
+
+        configuration, previous_stage = previous_stage_inputs(dataset, configuration, folders.results, splits)
+    refuse_earlier_runs(dataset, configuration, options, folders, folds)
+    plan = replace(plan, configurations={**plan.configurations, configuration_name: configuration})
     preprocessed_dir = preprocess_dataset(dataset, plan, configuration_name, folders.preprocessed,
-                                          n_jobs=options.n_jobs)
+                                          n_jobs=options.n_jobs, previous_stage=previous_stage)
     if distributed.is_main():
         distributed.barrier()
-    return [train_fold(dataset, plan.configurations[configuration_name], options, folders,
-                       preprocessed_dir, splits[fold], fold) for fold in folds]
+    return [train_fold(dataset, configuration, options, folders, preprocessed_dir, splits[fold], fold)
+            for fold in folds]
 
 
 def folds_to_train(fold: str, n_folds: int) -> list:

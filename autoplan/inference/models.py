@@ -3,6 +3,7 @@ every prediction runs a network in."""
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -21,12 +22,36 @@ class Ensemble:
     spec: RunSpec
     networks: list
     fold_dirs: list
+    previous: "Ensemble | None" = None      # a cascade's first stage (every fold of its run)
 
 
 def _can_ensemble(spec: RunSpec, first: RunSpec) -> bool:
     return (spec.task_type == first.task_type and spec.configuration.name == first.configuration.name
             and spec.configuration.patch_size == first.configuration.patch_size
-            and spec.labels == first.labels and spec.classes == first.classes)
+            and spec.labels == first.labels and spec.classes == first.classes
+            and spec.configuration.previous_stage_run == first.configuration.previous_stage_run)
+
+
+def previous_stage_folder(fold_dir, configuration) -> Path:
+    """RESULTS/NAME/PREVIOUS_STAGE/RUN of a cascade's fold folder RESULTS/NAME/CFG/RUN/fold_K."""
+    if not configuration.previous_stage_run:
+        raise InputError(fold_dir, f"{configuration.name} names no trained {configuration.previous_stage} run "
+                                   "(plan.json written before the cascade was trained?)")
+    return Path(fold_dir).resolve().parents[2] / configuration.previous_stage / configuration.previous_stage_run
+
+
+def _previous_stage(spec: RunSpec, fold_dir, device) -> "Ensemble | None":
+    """A cascade's first stage, RESULTS/NAME/PREVIOUS_STAGE/RUN next to the cascade's run, all
+    its folds; None for other runs. A model package holds one run, so a cascade's first stage
+    is not in it: refused with one line."""
+    if not spec.configuration.previous_stage:
+        return None
+    folder = previous_stage_folder(fold_dir, spec.configuration)
+    if not folder.is_dir():
+        raise InputError(fold_dir, f"is a cascade whose first stage {spec.configuration.previous_stage}/"
+                                   f"{spec.configuration.previous_stage_run} is not at {folder} (keep the "
+                                   "results folder's layout; model packages of a cascade are not supported)")
+    return load_ensemble(folder, device)
 
 
 def load_ensemble(model_dir, device="cpu") -> Ensemble:
@@ -42,7 +67,8 @@ def load_ensemble(model_dir, device="cpu") -> Ensemble:
         if not _can_ensemble(spec, specs[0]):
             raise InputError(fold, f"cannot be ensembled with {folds[0]}: different task, "
                                    "configuration, patch size, labels or classes")
-    return Ensemble(spec=specs[0], networks=networks, fold_dirs=folds)
+    return Ensemble(spec=specs[0], networks=networks, fold_dirs=folds,
+                    previous=_previous_stage(specs[0], folds[0], device))
 
 
 def ensemble_identity(spec: RunSpec) -> tuple:

@@ -62,11 +62,11 @@ def _memory_budget(device: str, gpu_memory_gb: float | None, notes: list) -> flo
     return detected
 
 
-def _plan_segmentation(dataset, fingerprint, context, base_features, field_of_view) -> tuple:
-    return plan_segmentation(dataset, fingerprint, context, base_features, field_of_view)
+def _plan_segmentation(dataset, fingerprint, context, base_features, field_of_view, lowres) -> tuple:
+    return plan_segmentation(dataset, fingerprint, context, base_features, field_of_view, lowres)
 
 
-def _plan_classification(dataset, fingerprint, context, base_features, field_of_view) -> tuple:
+def _plan_classification(dataset, fingerprint, context, base_features, field_of_view, lowres) -> tuple:
     return {"classifier": plan_classifier(dataset, fingerprint, context)}, "classifier", []
 
 
@@ -75,14 +75,16 @@ PLANNERS = {"segmentation": _plan_segmentation, "classification": _plan_classifi
 
 def plan_dataset(dataset, fingerprint, device: str = "cpu", gpu_memory_gb: float | None = None,
                  time_budget_minutes: float | None = None, base_features: int = 32,
-                 results_dir: Path | None = None, probe: bool = True, field_of_view: str = "auto") -> Plan:
+                 results_dir: Path | None = None, probe: bool = True, field_of_view: str = "auto",
+                 lowres: str = "auto") -> Plan:
     """Plan every configuration of a dataset for a device, memory and time budget.
 
     ``dataset`` is the dataset's name or its ``Dataset`` (then its label ids and class order
     are used). Writes nothing except the throughput cache ``results_dir/NAME/throughput.json``
     when the probe runs; the caller saves the plan with ``plan.save(path)``. ``field_of_view``
     ('auto' | 'fit' | 'pixels') decides how 2D images without a pixel size are scaled
-    (:func:`autoplan.planning.segmentation.plan_field_of_view`).
+    (:func:`autoplan.planning.segmentation.plan_field_of_view`). ``lowres`` 'always' plans a
+    3d_lowres stage (and its cascade) also where nnU-Net's rule plans none ('auto').
     """
     name = dataset if isinstance(dataset, str) else dataset.name
     _check_request(device, gpu_memory_gb, time_budget_minutes, base_features, fingerprint)
@@ -99,7 +101,7 @@ def plan_dataset(dataset, fingerprint, device: str = "cpu", gpu_memory_gb: float
     n_val = max(1, fingerprint.n_cases - int(fingerprint.n_cases * TRAIN_FRACTION))
     context = PlanningContext(device, budget_gb, budget_minutes, assumed_budget, speed, n_val_cases=n_val)
     configurations, default, more = PLANNERS[fingerprint.task_type](dataset, fingerprint, context,
-                                                                    int(base_features), field_of_view)
+                                                                    int(base_features), field_of_view, lowres)
     notes += more + ([speed.failure] if speed.failure else []) + sorted(set(speed.clamped))
     notes.append(f"default configuration: {default}")
     return Plan(dataset=name, task_type=fingerprint.task_type, device=device,

@@ -1,5 +1,5 @@
 """Segmentation plans: target spacing, normalisation, field of view, the 2d / 3d_fullres /
-3d_lowres configurations and what labels that name a side forbid."""
+3d_lowres / 3d_cascade_fullres configurations and what labels that name a side forbid."""
 
 import re
 from dataclasses import replace
@@ -9,6 +9,7 @@ import numpy as np
 from autoplan.artifacts import Configuration
 from autoplan.errors import InputError
 from autoplan.fingerprint import ANISOTROPY_THRESHOLD
+from autoplan.planning.cost import planned_memory_gb
 from autoplan.planning.schedule import PlanningContext
 from autoplan.planning.unet import REFERENCE_GPU_GB, UNetRequest, fit_unet_to_memory, plan_unet_configuration
 
@@ -178,9 +179,13 @@ def _working_grid(fingerprint, field_of_view_mode: str) -> tuple:
             f"{spacing}: one pixel of an image resized to the working size {working}")
 
 
+LOWRES_MODES = ("auto", "always")
+FORCED_LOWRES_FACTOR = 2.0          # lowres="always" where nnU-Net's rule plans none: half the resolution
+
+
 def plan_segmentation(dataset, fingerprint, context: PlanningContext, base_features: int,
-                      field_of_view_mode: str = "auto") -> tuple[dict, str, list]:
-    """(configurations in order 2d, 3d_lowres, 3d_fullres; the default one; planner notes)."""
+                      field_of_view_mode: str = "auto", lowres_mode: str = "auto") -> tuple[dict, str, list]:
+    """(configurations in order 2d, 3d_lowres, 3d_fullres, 3d_cascade_fullres; the default one; planner notes)."""
     fingerprint, spacing, field_of_view, fov_reason, spacing_text = _working_grid(fingerprint, field_of_view_mode)
     median = median_shape_at(fingerprint, spacing)
     sided = _sided_labels(dataset, fingerprint)
@@ -192,12 +197,18 @@ def plan_segmentation(dataset, fingerprint, context: PlanningContext, base_featu
     notes, configurations = [], {}
     if fingerprint.dim == 3:
         fullres = plan_unet_configuration(request, context, *normalization)
-        lowres = _plan_lowres(request, fingerprint.n_cases, context, normalization, notes)
+        if lowres_mode not in LOWRES_MODES:
+            raise InputError(None, f"unknown lowres mode {lowres_mode!r} ({', '.join(LOWRES_MODES)})")
+        lowres = _plan_lowres(request, fingerprint.n_cases, context, normalization, notes,
+                              force=lowres_mode == "always")
         fullres.batch_dice = lowres is not None
         fullres.reasons["spacing"] = spacing_text
         fullres.reasons["batch_dice"] = ("Dice over the whole batch (a cascade follows)" if lowres is not None
                                          else "per-sample Dice (nnU-Net: batch Dice only with a lowres stage)")
-        configurations = {"3d_lowres": lowres, "3d_fullres": fullres} if lowres is not None else {"3d_fullres": fullres}
+        configurations = {"3d_fullres": fullres}
+        if lowres is not None:
+            configurations = {"3d_lowres": lowres, "3d_fullres": fullres,
+                              "3d_cascade_fullres": plan_cascade(fullres, context.device)}
         request_2d = replace(request, name="2d", dim=2, spacing=spacing[1:], median_shape=median[1:],
                              mirror_axes=[0] if sided else None)
     else:
@@ -248,9 +259,12 @@ def _respect_label_sides(configuration: Configuration, sided: list) -> None:
 
 
 def _plan_lowres(fullres: UNetRequest, n_cases: int, context: PlanningContext, normalization: tuple,
-                 notes: list) -> Configuration | None:
+                 notes: list, force: bool = False) -> Configuration | None:
     """nnU-Net's 3d_lowres stage when the fullres patch covers too little of the image (else None,
-    with a note saying why)."""
+    with a note saying why). ``force`` (``plan_dataset(lowres="always")``) plans one at
+    FORCED_LOWRES_FACTOR times the spacing where the rule plans none: a CPU plan's patch covers
+    far less of the image than the 8 GB GPU patch the rule measures, and benchmarks/cascade.py
+    measures the cascade on volumes a CPU trains in minutes."""
     budget_gb = context.budget_gb if context.device == "cuda" else REFERENCE_GPU_GB
     reference_patch = fit_unet_to_memory(fullres, budget_gb).configuration.patch_size
     coverage = float(np.prod(reference_patch, dtype=np.float64) / np.prod(fullres.median_shape))
@@ -261,6 +275,10 @@ def _plan_lowres(fullres: UNetRequest, n_cases: int, context: PlanningContext, n
     found = lowres_spacing_and_shape(fullres.spacing, fullres.median_shape, reference_patch,
                                      lambda *grid: fit_unet_to_memory(lowres_request(*grid), budget_gb)
                                      .configuration.patch_size)
+    forced = found is None and force
+    if forced:
+        found = ([round(s * FORCED_LOWRES_FACTOR, 6) for s in fullres.spacing],
+                 [m / FORCED_LOWRES_FACTOR for m in fullres.median_shape])
     if found is None:
         notes.append(f"no 3d_lowres: the 3d_fullres patch covers {coverage:.0%} of the median image "
                      f"(a lowres stage is planned below {LOWRES_THRESHOLD:.0%}, and only when it makes the "
@@ -273,5 +291,37 @@ def _plan_lowres(fullres: UNetRequest, n_cases: int, context: PlanningContext, n
                                  f"the patch covers >= {LOWRES_THRESHOLD:.0%} of the image (fullres covers "
                                  f"{coverage:.0%})")
     config.reasons["batch_dice"] = "per-sample Dice (nnU-Net's lowres default)"
-    notes.append(f"3d_lowres planned: the 3d_fullres patch covers only {coverage:.0%} of the median image")
+    if forced:
+        config.reasons["spacing"] = (f"{lowres_spacing}: {FORCED_LOWRES_FACTOR:g}x the fullres spacing, forced "
+                                     f"(lowres='always'; the fullres patch covers {coverage:.0%} of the image)")
+    notes.append((f"3d_lowres forced at {FORCED_LOWRES_FACTOR:g}x the spacing (lowres='always'): nnU-Net's rule "
+                  f"plans none, the 3d_fullres patch covers {coverage:.0%} of the median image" if forced else
+                  f"3d_lowres planned: the 3d_fullres patch covers only {coverage:.0%} of the median image")
+                 + "; 3d_cascade_fullres refines its prediction at full resolution")
     return config
+
+
+CASCADE_NAME = "3d_cascade_fullres"
+
+
+def plan_cascade(fullres: Configuration, device: str) -> Configuration:
+    """nnU-Net's 3d_cascade_fullres: the 3d_fullres network, grid and schedule, with the 3d_lowres
+    prediction appended as one-hot channels of the foreground labels.
+
+    Foreground only, as nnU-Net: the background channel would be one minus their sum, an input
+    channel (and first-layer memory) that carries nothing. The channels are not normalised
+    (0/1 already). The schedule is 3d_fullres's: one more input channel per label changes only
+    the first convolution, a few percent of an iteration.
+    """
+    n_labels = fullres.n_outputs - 1
+    cascade = replace(fullres, name=CASCADE_NAME, previous_stage="3d_lowres",
+                      n_input_channels=fullres.n_input_channels + n_labels,
+                      normalization=list(fullres.normalization) + [{"scheme": "none"}] * n_labels,
+                      reasons=dict(fullres.reasons))
+    cascade.estimated_memory_gb = round(planned_memory_gb(cascade, device), 3)
+    cascade.reasons["previous_stage"] = (
+        f"3d_lowres's predicted labels as {n_labels} extra one-hot input channel(s) (foreground labels; "
+        f"normalisation none), upsampled to this grid; trained on 3d_lowres's 5-fold out-of-fold predictions "
+        f"so the input is as wrong as it will be on new cases")
+    cascade.reasons["batch_dice"] = "Dice over the whole batch (3d_fullres's choice when a lowres stage exists)"
+    return cascade

@@ -10,6 +10,12 @@ A case whose three files exist with a matching stamp is not redone, so an interr
 resumes where it stopped. Version 1 stored ``CASE.npy`` (float32) and ``CASE_seg.npy``
 (int16), 6x the disk on CT; such a case carries an older stamp, so it is redone and its
 ``.npy`` files are removed.
+
+A cascade configuration (``previous_stage`` set) caches the image as its previous stage's
+fullres grid does, and ``CASE_seg.b2nd`` gets a second channel: the previous stage's
+out-of-fold label map (``CASE.npz`` files, :func:`save_label_map`) cropped and resampled as
+the labels are. The loader turns it into one-hot channels after augmentation; the stamp
+includes those files, so another previous-stage run redoes the cache.
 """
 
 import functools
@@ -23,9 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from autoplan.io import read_case_images, read_case_labels
+from dataclasses import replace
+
+from autoplan.errors import InputError
 from autoplan.jsonio import read_json, to_jsonable
 from autoplan.parallel import parallel_map
 from autoplan.preprocessing.case import field_of_view, preprocess_case
+from autoplan.preprocessing.resampling import coarse_axis, resample_labels
 
 # Bump when the cached arrays would change for the same inputs and configuration.
 # 2: blosc2 files and uint8 masks instead of float32 / int16 .npy.
@@ -144,11 +154,12 @@ def open_case_arrays(out_dir, case_id) -> tuple:
     return tuple(blosc2.open(str(files[key]), mode="r", dparams={"nthreads": 1}) for key in ("image", "seg"))
 
 
-def _case_up_to_date(case, configuration, out_dir) -> bool:
+def _case_up_to_date(case, configuration, out_dir, previous_stage=None) -> bool:
     files = case_files(out_dir, case.id)
     if not all(f.is_file() for f in files.values()):
         return False
-    return _stored_stamp(files["properties"]) == preprocessing_stamp(configuration, _case_sources(case))
+    sources = _case_sources(case) + ([previous_stage[case.id]] if previous_stage is not None else [])
+    return _stored_stamp(files["properties"]) == preprocessing_stamp(configuration, sources)
 
 
 _STAMP_PATTERN = re.compile(r'^  "stamp": "([0-9a-f]*)",?$', re.MULTILINE)
@@ -167,11 +178,62 @@ def _stored_stamp(path):
         return None
 
 
-def _preprocess_and_save(case, configuration, out_dir, label_ids):
+def save_label_map(path, labels) -> None:
+    """A label map (original grid) as a compressed ``.npz``, written atomically: the previous
+    stage's out-of-fold predictions a cascade trains on."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labels = np.asarray(labels)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez_compressed(tmp, labels=labels.astype(mask_dtype(labels), copy=False))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_label_map(path) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            return np.asarray(stored["labels"])
+    except (OSError, ValueError, KeyError) as error:
+        raise InputError(path, f"is not a readable label map ({type(error).__name__}: {error})") from None
+
+
+def image_configuration(configuration):
+    """The configuration the image itself is preprocessed with: a cascade's without its
+    previous-stage channels (their 'none' normalisation and channel count)."""
+    n_previous = configuration.n_previous_stage_channels
+    if not n_previous:
+        return configuration
+    return replace(configuration, normalization=list(configuration.normalization)[:-n_previous],
+                   n_input_channels=configuration.n_image_channels, previous_stage="", previous_stage_run="")
+
+
+def _previous_stage_on_grid(previous_file, properties, image_shape):
+    """The previous stage's label map, cut by the case's crop box and resampled to its grid as
+    the labels were (one-hot linear interpolation, then the most likely label)."""
+    previous = load_label_map(previous_file)
+    if list(previous.shape) != list(image_shape):
+        raise InputError(previous_file, f"label map of shape {list(previous.shape)} does not match the image "
+                                        f"{list(image_shape)} (a prediction of another dataset or version?)")
+    window = tuple(slice(lo, hi) for lo, hi in properties.crop_bbox)
+    axis = coarse_axis(properties.original_spacing, properties.spacing_after_resampling)
+    return resample_labels(previous[window], properties.shape_after_resampling, coarse=axis)
+
+
+def _preprocess_and_save(case, configuration, out_dir, label_ids, previous_stage=None):
     image = read_case_images(case)
     labels = read_case_labels(case, image, label_ids)
-    data, seg, properties = preprocess_case(image, labels, configuration, case.id)
-    properties.stamp = preprocessing_stamp(configuration, _case_sources(case))
+    data, seg, properties = preprocess_case(image, labels, image_configuration(configuration), case.id)
+    sources = _case_sources(case)
+    if previous_stage is not None:
+        previous = _previous_stage_on_grid(previous_stage[case.id], properties, image.array.shape[1:])
+        seg = np.concatenate([seg, previous[None].astype(seg.dtype)])
+        sources.append(previous_stage[case.id])
+    properties.stamp = preprocessing_stamp(configuration, sources)
     # Remove the old properties first: arrays and properties of different runs never pair up.
     (out_dir / f"{case.id}.json").unlink(missing_ok=True)
     save_case_arrays(out_dir, case.id, data, seg, configuration.patch_size)
@@ -179,12 +241,19 @@ def _preprocess_and_save(case, configuration, out_dir, label_ids):
     return case.id
 
 
-def preprocess_segmentation(dataset, configuration, out_dir: Path, n_jobs=None) -> Path:
-    """Every case not up to date in ``out_dir`` preprocessed and saved; returns ``out_dir``."""
+def preprocess_segmentation(dataset, configuration, out_dir: Path, n_jobs=None, previous_stage=None) -> Path:
+    """Every case not up to date in ``out_dir`` preprocessed and saved; returns ``out_dir``.
+
+    ``previous_stage`` ({case id: label map file}) is required by a cascade configuration.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    if bool(configuration.previous_stage) != (previous_stage is not None):
+        raise InputError(out_dir, f"{configuration.name}: the previous stage's predictions are needed exactly "
+                                  "when the configuration has a previous stage")
     label_ids = sorted(set(int(v) for v in dataset.labels.values()) | {0})
-    todo = [case for case in dataset.cases if not _case_up_to_date(case, configuration, out_dir)]
+    todo = [case for case in dataset.cases
+            if not _case_up_to_date(case, configuration, out_dir, previous_stage)]
     worker = functools.partial(_preprocess_and_save, configuration=configuration,
-                               out_dir=out_dir, label_ids=label_ids)
+                               out_dir=out_dir, label_ids=label_ids, previous_stage=previous_stage)
     parallel_map(worker, todo, n_jobs=n_jobs, desc=f"preprocess {configuration.name}")
     return out_dir

@@ -1,5 +1,7 @@
 """How ``plan-and-train --find-best`` spends one time budget: which configurations and folds
-it trains, the minutes each run gets, and what it keeps for find-best's own predictions."""
+it trains, the minutes each run gets, and what it keeps for find-best's own predictions; and
+how ``plan-and-train --config 3d_cascade_fullres`` shares one between the cascade's two stages
+(:func:`cascade_budget`)."""
 
 from dataclasses import dataclass
 
@@ -7,8 +9,13 @@ from autoplan.errors import InputError
 from autoplan.planning.schedule import final_validation_seconds
 
 MIN_RUN_MINUTES = 1.0       # below this a run is mostly start-up, final validation and report
-NOT_COMPARED = {"3d_lowres": "3d_lowres is not trained: it pays off only as the first stage of a cascade, "
-                             "which autoplan does not train yet"}
+NOT_COMPARED = {
+    "3d_lowres": "3d_lowres is not trained here: it pays off only as the first stage of the cascade",
+    # find-best scores each fold on its validation cases; a cascade's input there must be its first
+    # stage's out-of-fold prediction, which the scoring does not assemble yet
+    "3d_cascade_fullres": "3d_cascade_fullres is not compared by find-best yet (it needs all 5 folds of "
+                          "3d_lowres first); train it with plan-and-train --config 3d_cascade_fullres",
+}
 
 
 @dataclass
@@ -54,3 +61,25 @@ def split_budget(plan, budget_minutes, fold_sizes: list) -> BudgetSplit:
         reason += (f"; {n_folds - k} fold(s) left out: all {n_folds} would leave each run under "
                    f"{MIN_RUN_MINUTES:g} min, so the choice rests on {cases} of {n_cases} cases")
     return BudgetSplit(names, list(range(k)), round(per_run, 3), round(reserve, 3), "; ".join([reason, *left_out]))
+
+
+def cascade_budget(budget_minutes, previous_folds: list, cascade_folds: list) -> tuple:
+    """(minutes per run or None, why) for training a cascade's missing first-stage folds and then
+    the cascade's own folds within one budget.
+
+    Every run gets an equal share: the cascade needs the out-of-fold predictions of all five
+    first-stage folds (each fold's are the input of a fifth of the cases, so none can be skimped
+    without a worse input for those), and its own folds are full-resolution runs of about the
+    same cost per iteration. Raises InputError when a share would be under MIN_RUN_MINUTES.
+    """
+    n_runs = len(previous_folds) + len(cascade_folds)
+    first = (f"{len(previous_folds)} first-stage fold(s) ({', '.join(map(str, previous_folds))}) for the "
+             "out-of-fold predictions" if previous_folds else "the first stage's out-of-fold predictions exist")
+    if not budget_minutes:
+        return None, f"{first}, then {len(cascade_folds)} cascade fold(s), each for the plan's epochs"
+    per_run = budget_minutes / n_runs
+    if per_run < MIN_RUN_MINUTES:
+        raise InputError(None, f"--time-budget {budget_minutes:g}: the cascade needs {n_runs} runs ({first}, "
+                               f"{len(cascade_folds)} cascade fold(s)) of at least {MIN_RUN_MINUTES:g} min each")
+    return round(per_run, 3), (f"{first}, then {len(cascade_folds)} cascade fold(s): {n_runs} runs of "
+                               f"{per_run:.2f} min (equal shares); preprocessing comes on top")
