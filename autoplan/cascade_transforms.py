@@ -52,7 +52,11 @@ def _ball_operation(mask, name, radius):
         return ndimage.distance_transform_edt(~m) <= radius if (~m).any() else m
 
     def erode(m):
-        return ndimage.distance_transform_edt(np.pad(m, 1))[(slice(1, -1),) * m.ndim] > radius
+        # outside the patch counts as inside the mask: a structure cut by the patch edge is not
+        # eroded from that edge (skimage's, so nnU-Net's, border rule)
+        if m.all():
+            return m
+        return ndimage.distance_transform_edt(np.pad(m, 1, constant_values=True))[(slice(1, -1),) * m.ndim] > radius
 
     operations = {"dilate": dilate, "erode": erode, "open": lambda m: dilate(erode(m)),
                   "close": lambda m: erode(dilate(m))}

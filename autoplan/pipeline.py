@@ -94,6 +94,7 @@ def train_cascade(dataset: Dataset, folders: Folders, options: TrainOptions, pla
     from autoplan.splits import load_or_create_splits
     from autoplan.training import folds_to_train
 
+    options = replace(options, configuration=options.configuration or planned.default_configuration)
     cascade = planned.configurations[options.configuration]
     splits = load_or_create_splits(dataset, folders.results)
     cascade_folds = folds_to_train(options.fold, len(splits))

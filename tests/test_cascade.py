@@ -183,6 +183,41 @@ def test_cascade_budget_shares_equally_and_refuses_too_little():
     assert "plan-and-train --config 3d_cascade_fullres" in NOT_COMPARED[CASCADE_NAME]
 
 
+def test_plan_and_train_of_a_cascade_trains_missing_lowres_folds_first_with_equal_shares(tmp_path, monkeypatch):
+    """The orchestration alone (training stubbed): every lowres fold lacking its out-of-fold
+    predictions, then the cascade's fold, each for an equal share of the budget, re-planned for it."""
+    from autoplan import pipeline
+    from autoplan.datasets import load_dataset
+    from autoplan.paths import resolve_folders
+
+    folders = resolve_folders(tmp_path / "raw", tmp_path / "preprocessed", tmp_path / "results")
+    dataset = load_dataset(write_ct_dataset(folders.dataset_raw("Tiny"), n_cases=5, shape=(16, 24, 24),
+                                            spacing=SPACING, name="Tiny"))
+    base = pipeline.plan(dataset, folders, device="cpu")
+    full = base.configurations["3d_fullres"]
+    planned = replace(base, configurations={"3d_lowres": replace(full, name="3d_lowres"), "3d_fullres": full,
+                                            CASCADE_NAME: plan_cascade(full, "cpu")})
+    replans, trained = [], []
+    monkeypatch.setattr(pipeline, "plan", lambda *args, **kwargs: replans.append(kwargs) or planned)
+    monkeypatch.setattr(pipeline, "train", lambda d, f, options, p: trained.append(
+        (options.configuration, options.fold, options.time_budget_minutes)) or [])
+    options = TrainOptions(configuration=CASCADE_NAME, fold="0", time_budget_minutes=12, **OPTIONS)
+    pipeline.plan_and_train(dataset, folders, options, device="cpu", lowres="always")
+    assert trained == [("3d_lowres", str(k), 2.0) for k in range(5)] + [(CASCADE_NAME, "0", 2.0)]
+    assert [r["time_budget_minutes"] for r in replans] == [12, 2.0] and replans[1]["lowres"] == "always"
+    # a lowres run (of any name) whose folds cover every case: only the cascade trains, on the whole budget
+    from autoplan.inference.cascade import save_out_of_fold
+    from autoplan.splits import load_or_create_splits
+
+    for fold, split in enumerate(load_or_create_splits(dataset, folders.results)):
+        for case_id in split["val"]:
+            save_out_of_fold(folders.results / "Tiny" / "3d_lowres" / "other" / f"fold_{fold}", case_id,
+                             np.zeros((16, 24, 24), np.uint8))
+    trained.clear()
+    pipeline.plan_and_train(dataset, folders, options, device="cpu", lowres="always")
+    assert trained == [(CASCADE_NAME, "0", 12)]
+
+
 # ------------------------------------------------------------------------------ end to end
 
 
