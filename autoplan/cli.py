@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from autoplan import __version__, parallel, pipeline
+from autoplan.calibration import OBJECTIVES, calibrate_run, describe_calibration
 from autoplan.datasets import import_dataset
 from autoplan.errors import InputError
 from autoplan.fingerprint import format_fingerprint_summary
@@ -186,6 +187,18 @@ def _find_best_arguments(parser):
     _add_folders(parser)
 
 
+def _calibrate_arguments(parser):
+    parser.add_argument("name", help=NAME_HELP)
+    parser.add_argument("--config", default="classifier", help="configuration folder of the run (default classifier)")
+    parser.add_argument("--run", default=None, help="run folder under RESULTS/NAME/CONFIG (default: the only one)")
+    parser.add_argument("--objective", choices=list(OBJECTIVES), default="mean",
+                        help="what the rule maximises on out-of-fold predictions: mean of accuracy and "
+                             "balanced accuracy (default), balanced_accuracy or accuracy")
+    parser.add_argument("--no-tta", action="store_true", help="switch off test-time augmentation")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="cpu", help="where the networks run")
+    _add_folders(parser)
+
+
 def _predict_arguments(parser):
     _add_model_folder(parser)
     parser.add_argument("--input", required=True, type=Path, help="folder of images and DICOM series folders")
@@ -323,6 +336,14 @@ def run_find_best(args):
     print(pipeline.describe_choice(choice, folders))
 
 
+def run_calibrate(args):
+    folders = _folders(args)
+    calibration = calibrate_run(_development_dataset(args, folders), folders, args.config, args.run,
+                                objective=args.objective, tta=not args.no_tta, device=args.device,
+                                n_jobs=args.n_jobs)
+    print(describe_calibration(calibration))
+
+
 def run_predict(args):
     from autoplan.inference import predict_folder
 
@@ -420,6 +441,8 @@ COMMANDS = {
     "find-best": Command("compare configurations and pairwise ensembles on out-of-fold predictions "
                          "-> RESULTS/NAME/best.json", "autoplan find-best TaskHippocampus",
                          _find_best_arguments, run_find_best),
+    "calibrate": Command("choose a classifier's decision rule on out-of-fold predictions -> RUN/calibration.json",
+                         "autoplan calibrate TaskDerm --run RUN", _calibrate_arguments, run_calibrate),
     "predict": Command("predict a folder of new images (masks + qc.csv, or predictions.csv)",
                        "autoplan predict --model results/TaskXRay/2d/RUN/fold_0 --input new/ --output masks/",
                        _predict_arguments, run_predict),

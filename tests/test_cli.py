@@ -13,7 +13,7 @@ from autoplan.cli import COMMANDS, build_parser, main
 from autoplan.pipeline import SWEEPABLE
 
 EXPECTED = {"import", "fingerprint", "plan", "train", "plan-and-train", "predict", "evaluate", "export-model",
-            "import-model", "find-best", "split", "compare", "sweep", "demo"}
+            "import-model", "find-best", "calibrate", "split", "compare", "sweep", "demo"}
 
 
 def test_help_lists_every_command():

@@ -31,24 +31,37 @@ def classify_batch(network, batch, tta: bool = True, device="cpu") -> np.ndarray
 
 def decision_probabilities(probabilities, imbalance: dict | None) -> np.ndarray:
     """The probabilities predictions are taken from: ``(N, K)`` model probabilities times
-    ``class_weights ** -posterior_correction``, renormalised (the plan's imbalance handling;
-    unchanged when it has no correction). See ``planning.POSTERIOR_CORRECTION``."""
+    ``class_weights ** -posterior_correction`` (only for a weighted loss) times
+    ``exp(class_log_offsets)``, renormalised: the plan's decision rule (the planner's default
+    correction, ``planning.POSTERIOR_CORRECTION``, or what ``autoplan calibrate`` chose on
+    out-of-fold predictions). Unchanged when the plan has neither."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     imbalance = imbalance or {}
+    factors = np.ones(probabilities.shape[-1])
     correction = float(imbalance.get("posterior_correction", 0.0))
-    if not correction or imbalance.get("strategy") != "weighted_loss":
+    if correction and imbalance.get("strategy") == "weighted_loss":
+        factors *= np.asarray(imbalance["class_weights"], dtype=np.float64) ** -correction
+    if imbalance.get("class_log_offsets"):
+        factors *= np.exp(np.asarray(imbalance["class_log_offsets"], dtype=np.float64))
+    if np.all(factors == 1.0):
         return probabilities
-    adjusted = probabilities * np.asarray(imbalance["class_weights"], dtype=np.float64) ** -correction
+    adjusted = probabilities * factors
     return adjusted / adjusted.sum(axis=1, keepdims=True)
+
+
+def model_probabilities(networks: list, pixels, configuration, tta: bool, device) -> np.ndarray:
+    """The networks' mean softmax ``(N, K)`` of preprocessed pixels ``(N, H, W, C)``, before
+    any decision rule (what ``autoplan calibrate`` fits the rule on)."""
+    normalized = preprocessing.normalize_classification_batch(np.asarray(pixels), configuration)
+    batch = torch.from_numpy(np.asarray(normalized))
+    return np.mean([classify_batch(network, batch, tta, device) for network in networks], axis=0)
 
 
 def classify_pixels(networks: list, pixels, configuration, tta: bool, device) -> np.ndarray:
     """Decision probabilities ``(N, K)`` of preprocessed pixels ``(N, H, W, C)``, averaged over
     the networks: the one place predictions and final validation turn images into decisions."""
-    normalized = preprocessing.normalize_classification_batch(np.asarray(pixels), configuration)
-    batch = torch.from_numpy(np.asarray(normalized))
-    probabilities = np.mean([classify_batch(network, batch, tta, device) for network in networks], axis=0)
-    return decision_probabilities(probabilities, configuration.imbalance)
+    return decision_probabilities(model_probabilities(networks, pixels, configuration, tta, device),
+                                  configuration.imbalance)
 
 
 # ============================================================================ Grad-CAM samples
