@@ -91,9 +91,8 @@ def cascade_predictors(run_dir: Path, tta: bool) -> tuple:
     memo = {}
 
     def lowres(image):
-        key = id(image.array)
+        key = str(image.path)
         if key not in memo:
-            memo.clear()
             memo[key] = previous_stage_labels(image, previous, tta)
         return memo[key]
 

@@ -109,11 +109,11 @@ def append_previous_stage(image, labels, configuration):
 
 def previous_stage_labels(image, previous, tta: bool = True, device="cpu") -> np.ndarray:
     """The first stage's label map of ``image`` on its own grid: every fold of ``previous`` (a
-    loaded Ensemble), without post-processing (what the cascade was trained on)."""
-    from autoplan.inference.segmentation import predict_case_probabilities, probabilities_to_labels
+    loaded Ensemble), without post-processing (what the cascade was trained on). Labels only,
+    reverted slab by slab (``segmentation.predict_case``): no K-class copy of the volume."""
+    from autoplan.inference.segmentation import predict_case
 
-    probabilities, _ = predict_case_probabilities(previous.networks, previous.spec, image, tta, device)
-    return probabilities_to_labels(probabilities, previous.spec)
+    return predict_case([(previous.networks, previous.spec)], image, tta, device).labels
 
 
 def with_previous_stage(image, ensemble, tta: bool = True, device="cpu"):

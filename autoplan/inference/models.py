@@ -91,6 +91,9 @@ def load_choice(path, device="cpu"):
             raise InputError(folder / BEST_FILE, f"chooses {member.label}, which is not in {folder} "
                                                  "(run find-best again after moving or deleting runs)")
         ensembles.append(load_ensemble(member.folder(folder), device))
+    if len(ensembles) > 1 and any(ensemble.previous is not None for ensemble in ensembles):
+        # a cascade's networks take another image than its partner's (find-best pairs none)
+        raise InputError(folder / BEST_FILE, "pairs a cascade with another run, which prediction does not support")
     for member, ensemble in zip(choice.chosen.members[1:], ensembles[1:]):
         first = ensembles[0].spec
         if ensemble_identity(ensemble.spec) != ensemble_identity(first):
