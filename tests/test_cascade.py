@@ -1,7 +1,7 @@
 """The cascade (issue 26, part 2): 3d_lowres, then 3d_cascade_fullres on the image plus the lowres
 prediction as one-hot channels, trained on the lowres stage's out-of-fold predictions.
 
-The end-to-end tests train tiny networks (width 4, two iterations an epoch) on ten synthetic
+The end-to-end tests train tiny networks (width 4, two iterations an epoch) on five synthetic
 CT-like volumes of 32 x 48 x 48 (``benchmarks/synthetic_ct.py``): they check the plumbing (which
 prediction reaches which case, which channels the network sees), not accuracy
 (``benchmarks/cascade.py`` measures that). Tests marked ``needs_predictor_hook`` run
@@ -34,7 +34,7 @@ from benchmarks.synthetic_ct import CT_LABELS, write_ct_dataset  # noqa: E402
 
 SHAPE, SPACING = (32, 48, 48), (2.0, 1.0, 1.0)
 LOWRES_SPACING = [4.0, 2.0, 2.0]
-N_CASES = 10
+N_CASES = 5
 
 
 def _predictor_has_cascade_hook() -> bool:
@@ -251,8 +251,8 @@ OPTIONS = dict(epochs=1, iterations_per_epoch=2, n_workers=0, device="cpu", n_jo
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Ten synthetic CTs; 3d_lowres on all five folds and the cascade on fold 0, through
-    ``pipeline.train_cascade`` (what plan-and-train --config 3d_cascade_fullres runs)."""
+    """Five synthetic CTs (one validation case a fold); 3d_lowres on all five folds and the cascade
+    on fold 0, through ``pipeline.train_cascade`` (what plan-and-train --config 3d_cascade_fullres runs)."""
     from autoplan import pipeline
     from autoplan.datasets import load_dataset
     from autoplan.paths import resolve_folders
