@@ -50,6 +50,11 @@ def splits_file(results_root, name: str) -> Path:
     return Path(results_root) / name / "splits.json"
 
 
+def test_split_file(results_root, name: str) -> Path:
+    """RESULTS/NAME/test_split.json: the untouched test cases (``autoplan split``)."""
+    return Path(results_root) / name / "test_split.json"
+
+
 def throughput_file(results_root, name: str) -> Path:
     return Path(results_root) / name / "throughput.json"
 

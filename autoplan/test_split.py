@@ -33,9 +33,8 @@ import numpy as np
 from autoplan.datasets import Dataset
 from autoplan.errors import InputError
 from autoplan.jsonio import JsonDataclass
-from autoplan.paths import fingerprint_file, plans_file, splits_file
+from autoplan.paths import fingerprint_file, plans_file, splits_file, test_split_file
 
-TEST_SPLIT_FILE = "test_split.json"
 TEST_SPLIT_SEED = 12345
 
 
@@ -62,7 +61,7 @@ class TestSplit(JsonDataclass):
 
 def held_out_file(results_dir, name: str) -> Path:
     """RESULTS/NAME/test_split.json (beside splits.json)."""
-    return splits_file(results_dir, name).with_name(TEST_SPLIT_FILE)
+    return test_split_file(results_dir, name)
 
 
 def load_test_split(results_dir, name: str) -> TestSplit | None:

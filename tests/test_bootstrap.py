@@ -122,6 +122,23 @@ def test_segmentation_dice_intervals_over_cases():
     assert segmentation_intervals([{"per_label": {"1": {"dice": None}}}] * 3, {"1": "x"})["dice"]["1"] is None
 
 
+def test_segmentation_report_shows_the_dice_intervals_and_the_cases_scored(tmp_path):
+    from autoplan.report import write_segmentation_report
+
+    reference = np.zeros((20, 20), int)
+    reference[5:15, 5:15] = 1
+    per_case = [{"case": f"c{i}", "per_label": segmentation_case_metrics(np.roll(reference, i % 4, axis=1), reference,
+                                                                          [1], None)} for i in range(12)]
+    metrics = dict(summarize_segmentation(per_case, {"1": "lesion"}), split="untouched test split (12 cases)")
+    write_segmentation_report(tmp_path, metrics, {"dataset": "T"}, samples=[])
+    text = (tmp_path / "report.md").read_text()
+    assert "Cases scored: untouched test split (12 cases)." in text
+    low, high = metrics["ci95"]["dice"]["1"]
+    row = next(line for line in text.splitlines() if line.startswith("| 1 lesion |"))
+    assert row.rstrip(" |").endswith(f"{low:.3f}–{high:.3f}") and high > low
+    assert "12 cases, one by one" in text
+
+
 def test_classification_report_shows_the_intervals_and_the_cases_scored(tmp_path):
     y_true, y_pred = _predictions(400, seed=8)
     probabilities = np.eye(len(CLASSES))[y_pred] * 0.9 + 0.1 / len(CLASSES)

@@ -138,8 +138,11 @@ def test_segmentation_report_3d(tmp_path):
 
     tables = markdown_tables(tmp_path / "report.md")
     headline = next(t for t in tables if t[0][0] == "label")
-    assert headline[0] == ["label", "Dice", "Jaccard", "Precision", "Recall", "ASD (mm)", "HD95 (mm)"]
+    assert headline[0] == ["label", "Dice", "Jaccard", "Precision", "Recall", "ASD (mm)", "HD95 (mm)",
+                           "Dice 95 % CI"]
     assert [row[0] for row in headline[1:]] == ["1 anterior", "2 posterior", "foreground mean"]
+    low, high = metrics["ci95"]["dice"]["1"]
+    assert headline[1][7] == f"{low:.3f}–{high:.3f}"
     assert float(headline[1][1]) == pytest.approx(metrics["mean"]["1"]["dice"], abs=1e-4)
     assert float(headline[3][6]) == pytest.approx(metrics["foreground_mean"]["hd95_mm"], abs=1e-4)
     per_case = next(t for t in tables if t[0][0] == "case")
@@ -180,7 +183,7 @@ def test_segmentation_report_2d_rgb_and_grey_without_reference(tmp_path):
     assert len(embedded_images(report)) == 2  # no log, no 3D rendering for 2D cases
     assert not list(tmp_path.glob("render3d_*")) and not (tmp_path / "curves.png").exists()
     headline = next(t for t in markdown_tables(tmp_path / "report.md") if t[0][0] == "label")
-    assert headline[0][-1] == "HD95 (px)"
+    assert headline[0][-2:] == ["HD95 (px)", "Dice 95 % CI"]
     with pytest.raises(ValueError):
         write_segmentation_report(tmp_path / "bad", metrics, {}, [dict(samples[0], reference=np.zeros((5, 5)))])
 

@@ -9,9 +9,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from autoplan.evaluation import headline_metrics
-from autoplan.report.document import Document, add_curves, add_run_info, fmt
+from autoplan.report.document import (Document, add_curves, add_run_info, bootstrap_note, fmt, interval_text,
+                                      scored_cases)
 from autoplan.report.figures import new_figure, save_figure
-from autoplan.test_split import split_label
 
 
 @dataclass
@@ -121,26 +121,6 @@ def gradcam_figure(samples: list, classes: list) -> Figure | None:
 # ============================================================================ the report
 
 
-def scored_cases(metrics: dict, run_info: dict) -> str:
-    """Which cases the figures come from: metrics.json's ``split`` (evaluate), else the run's
-    validation fold (training's final validation), else nothing known."""
-    if metrics.get("split") or (run_info or {}).get("split"):
-        return metrics.get("split") or run_info["split"]
-    if (run_info or {}).get("fold") is not None and not run_info.get("evaluation"):
-        return split_label("validation", fold=run_info["fold"])
-    return "not recorded"
-
-
-def _interval(values) -> str:
-    return f"{values[0]:.3f}–{values[1]:.3f}" if values else "n/a"
-
-
-def _bootstrap_note(ci95: dict) -> str:
-    return (f"95 % confidence intervals: percentile bootstrap, {ci95.get('n_resamples')} resamples of "
-            f"{ci95.get('resampled')} with replacement (seed {ci95.get('seed')}). A difference between two "
-            "runs smaller than these intervals' width may be noise.")
-
-
 def _classification_tables(document: Document, metrics: dict, classes: list, run_info: dict):
     headline = headline_metrics(metrics)
     ci95 = metrics.get("ci95") or {}
@@ -149,13 +129,13 @@ def _classification_tables(document: Document, metrics: dict, classes: list, run
     rows = [[fmt(headline[name]) for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")]
             + [fmt(metrics.get("n_cases"))]]
     if ci95:
-        rows.append([_interval(ci95.get(name)) for name in ("accuracy", "balanced_accuracy", "macro_f1")]
+        rows.append([interval_text(ci95.get(name)) for name in ("accuracy", "balanced_accuracy", "macro_f1")]
                     + ["", "95 % CI"])
     document.table(["accuracy", "balanced accuracy", "macro F1", "macro AUC", "cases"], rows)
     document.heading("Per class")
     recall_ci = ci95.get("recall") or {}
     rows = [[name] + [fmt(metrics["per_class"][name].get(k)) for k in ("precision", "recall", "f1", "support", "auc")]
-            + [_interval(recall_ci.get(name)) if ci95 else "n/a"] for name in classes]
+            + [interval_text(recall_ci.get(name)) if ci95 else "n/a"] for name in classes]
     for average in ("macro_avg", "weighted_avg"):
         values = metrics.get(average, {})
         rows.append([average.replace("_avg", " average")] +
@@ -163,7 +143,7 @@ def _classification_tables(document: Document, metrics: dict, classes: list, run
     document.table(["class", "precision", "recall", "F1", "support", "AUC (one-vs-rest)", "recall 95 % CI"], rows,
                    mean_rows=2)
     if ci95:
-        document.paragraph(_bootstrap_note(ci95), note=True)
+        document.paragraph(bootstrap_note(ci95), note=True)
     document.paragraph(metrics.get("conventions") or "AUC is one-vs-rest; n/a where a class has no positives.",
                        note=True)
 

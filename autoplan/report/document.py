@@ -14,6 +14,7 @@ import numpy as np
 
 from autoplan.jsonio import atomic_write_text
 from autoplan.report.figures import plot_learning_curves
+from autoplan.test_split import split_label
 
 _CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:0.6em 0;font-size:0.85em}
@@ -153,3 +154,26 @@ def add_curves(document: Document, out_dir: Path, log_csv):
     document.heading("Learning curves")
     png = plot_learning_curves(log_csv, out_dir / "curves.png")
     document.image(png.read_bytes(), png.name, "Losses and validation metrics per epoch (log.csv).")
+
+
+# ============================================================================ which cases, how sure
+
+
+def scored_cases(metrics: dict, run_info: dict) -> str:
+    """Which cases the figures come from: metrics.json's ``split`` (evaluate), else the run's
+    validation fold (training's final validation), else nothing known."""
+    if metrics.get("split") or (run_info or {}).get("split"):
+        return metrics.get("split") or run_info["split"]
+    if (run_info or {}).get("fold") is not None and not run_info.get("evaluation"):
+        return split_label("validation", fold=run_info["fold"])
+    return "not recorded"
+
+
+def interval_text(values) -> str:
+    return f"{values[0]:.3f}–{values[1]:.3f}" if values else "n/a"
+
+
+def bootstrap_note(ci95: dict) -> str:
+    return (f"95 % confidence intervals: percentile bootstrap, {ci95.get('n_resamples')} resamples of "
+            f"{ci95.get('resampled')} with replacement (seed {ci95.get('seed')}). A difference between two "
+            "runs smaller than these intervals' width may be noise.")

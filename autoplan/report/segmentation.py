@@ -12,7 +12,8 @@ from matplotlib.ticker import MaxNLocator
 
 from autoplan.evaluation import nanmean
 from autoplan.fingerprint.geometry import bounding_box
-from autoplan.report.document import Document, add_curves, add_run_info, fmt, safe_name
+from autoplan.report.document import (Document, add_curves, add_run_info, bootstrap_note, fmt, interval_text, safe_name,
+                                      scored_cases)
 from autoplan.report.figures import new_figure, save_figure
 
 # (name for the legend, RGB): label k gets entry (k - 1) mod 8
@@ -175,18 +176,23 @@ def render_3d_figure(sample: dict, label_ids: list, names: dict) -> Figure | Non
 # ============================================================================ the report
 
 
-def _segmentation_tables(document: Document, metrics: dict):
+def _segmentation_tables(document: Document, metrics: dict, run_info: dict):
     labels = metrics.get("labels", {})
     unit = metrics.get("distance_unit", "mm")
+    ci95 = metrics.get("ci95") or {}
     header = ["label"] + [f"{title} ({unit})" if key.endswith("_mm") else title
-                          for key, title in SEGMENTATION_COLUMNS]
+                          for key, title in SEGMENTATION_COLUMNS] + ["Dice 95 % CI"]
     rows = [[f"{label} {name}"] + [fmt(metrics["mean"].get(label, {}).get(key)) for key, _ in SEGMENTATION_COLUMNS]
-            for label, name in labels.items()]
-    rows.append(["foreground mean"] + [fmt(metrics["foreground_mean"].get(key)) for key, _ in SEGMENTATION_COLUMNS])
+            + [interval_text((ci95.get("dice") or {}).get(str(label)))] for label, name in labels.items()]
+    rows.append(["foreground mean"] + [fmt(metrics["foreground_mean"].get(key)) for key, _ in SEGMENTATION_COLUMNS]
+                + [interval_text(ci95.get("foreground_dice"))])
     document.heading("Headline metrics")
-    document.paragraph(f"{metrics.get('n_cases', len(metrics.get('per_case', [])))} cases; mean over cases "
+    document.paragraph(f"Cases scored: {scored_cases(metrics, run_info)}. "
+                       f"{metrics.get('n_cases', len(metrics.get('per_case', [])))} cases; mean over cases "
                        f"per label (undefined values skipped), foreground mean = mean over labels.")
     document.table(header, rows, mean_rows=1)
+    if ci95:
+        document.paragraph(bootstrap_note(ci95), note=True)
 
     # Per case: all six metrics for up to three labels, Dice and HD95 beyond (metrics.json has all).
     columns = SEGMENTATION_COLUMNS if len(labels) <= 3 else [SEGMENTATION_COLUMNS[0], SEGMENTATION_COLUMNS[5]]
@@ -214,7 +220,7 @@ def write_segmentation_report(out_dir, metrics: dict, run_info: dict, samples: l
     out_dir.mkdir(parents=True, exist_ok=True)
     document = Document(title)
     add_run_info(document, run_info)
-    _segmentation_tables(document, metrics)
+    _segmentation_tables(document, metrics, run_info)
     document.heading("Metric conventions")
     document.paragraph(_segmentation_conventions(metrics), note=True)
     add_curves(document, out_dir, log_csv)
