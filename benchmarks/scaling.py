@@ -177,53 +177,71 @@ def prepare_dataset(args, work: Path, shape: tuple) -> dict:
 
 
 def measure_size(args, work: Path, dataset: dict, models: dict, configuration: dict, stats: dict) -> dict:
-    """Every stage asked for on one size: {stage: {side: measurement}}. Long because it runs each
-    stage on both sides, each a few lines of configuration."""
+    """Every stage asked for on one size, by each side asked for: {stage: {side: measurement}}."""
+    out = measure_ours(args, work, dataset, models, configuration) if "autoplan" in args.sides else {}
+    for stage, sides in measure_nnunet(args, work, dataset, models, stats).items():
+        out.setdefault(stage, {}).update(sides)
+    return out
+
+
+def measure_ours(args, work: Path, dataset: dict, models: dict, configuration: dict) -> dict:
+    """autoplan's measurements of a size ({stage: {"autoplan": ...}}; "revert": {way: ...})."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "AUTOPLAN_PROGRESS": "0",
            "PYTHONPATH": str(ROOT)}
-    python, name, out = models.get("nnunet_python"), dataset["name"], {}
-    their_env = nnunet_env(work, args.threads) if python else None
-    base = {"threads": args.threads, "raw": str(dataset["raw"]), "name": name}
+    base, out = {"threads": args.threads, "raw": str(dataset["raw"]), "name": dataset["name"]}, {}
     if "fingerprint" in args.stages:
         out["fingerprint"] = {"autoplan": run_snippet(sys.executable, OURS, {
             **base, "stage": "fingerprint", "results": str(work / "results")}, env)}
-        if python:
-            out["fingerprint"]["nnunet"] = nnunet_command(python, "nnUNetv2_extract_fingerprint", [
-                "-d", str(dataset["id"]), "-np", str(args.threads), "--clean"], their_env)
     if "preprocess" in args.stages:
-        ours_folder = work / "preprocessed" / name
-        shutil.rmtree(ours_folder, ignore_errors=True)
+        folder = work / "preprocessed" / dataset["name"]
+        shutil.rmtree(folder, ignore_errors=True)
         ours = run_snippet(sys.executable, OURS, {**base, "stage": "preprocess", "configuration": configuration,
                                                   "preprocessed": str(work / "preprocessed")}, env)
-        ours["disk_mb"] = folder_mb(ours_folder / "3d_fullres")
-        out["preprocess"] = {"autoplan": ours}
-        if python:
-            theirs_folder = work / "nnUNet_preprocessed" / name
-            shutil.rmtree(theirs_folder / "nnUNetPlans_3d_fullres", ignore_errors=True)
-            theirs_folder.mkdir(parents=True, exist_ok=True)
-            (theirs_folder / "nnUNetPlans.json").write_text(json.dumps(
-                nnunet_plans(args, stats, name, dataset["shape"]), indent=1))
-            shutil.copyfile(dataset["raw"] / "dataset.json", theirs_folder / "dataset.json")
-            theirs = nnunet_command(python, "nnUNetv2_preprocess", [
-                "-d", str(dataset["id"]), "-c", "3d_fullres", "-np", str(args.threads), "-plans_name", "nnUNetPlans"],
-                their_env)
-            theirs["disk_mb"] = folder_mb(theirs_folder / "nnUNetPlans_3d_fullres")
-            out["preprocess"]["nnunet"] = theirs
+        out["preprocess"] = {"autoplan": {**ours, "disk_mb": folder_mb(folder / "3d_fullres")}}
+    predicted = list(dataset["shape"]) in [list(s) for s in args.predict_sizes]
+    if "predict" in args.stages and predicted:
+        for tta in args.tta_modes:
+            stage = f"predict_{'tta' if tta else 'notta'}"
+            out[stage] = {"autoplan": run_snippet(sys.executable, OURS, {
+                **base, "stage": "predict", "file": str(dataset["files"][0]), "model": str(models["autoplan"]),
+                "tta": tta, "output": str(work / "out" / f"{dataset['name']}_{stage}.nii.gz")}, env)}
+    if "revert" in args.stages and predicted:
+        out["revert"] = compare_reverts(args, work, dataset, configuration, env)
+    return out
+
+
+def measure_nnunet(args, work: Path, dataset: dict, models: dict, stats: dict) -> dict:
+    """nnU-Net's measurements of a size ({stage: {"nnunet": ...}}), when its environment is given."""
+    python, name, out = models.get("nnunet_python"), dataset["name"], {}
+    if not python:
+        return out
+    their_env = nnunet_env(work, args.threads)
+    if "fingerprint" in args.stages:
+        out["fingerprint"] = {"nnunet": nnunet_command(python, "nnUNetv2_extract_fingerprint", [
+            "-d", str(dataset["id"]), "-np", str(args.threads), "--clean"], their_env)}
+    if "preprocess" in args.stages:
+        out["preprocess"] = {"nnunet": nnunet_preprocess(args, work, dataset, python, stats, their_env)}
     if "predict" in args.stages and list(dataset["shape"]) in [list(s) for s in args.predict_sizes]:
         for tta in args.tta_modes:
             stage = f"predict_{'tta' if tta else 'notta'}"
-            target = work / "out" / f"{name}_{stage}.nii.gz"
-            out[stage] = {"autoplan": run_snippet(sys.executable, OURS, {
-                **base, "stage": "predict", "file": str(dataset["files"][0]), "model": str(models["autoplan"]),
-                "tta": tta, "output": str(target)}, env)}
-            if python:
-                out[stage]["nnunet"] = run_snippet(python, NNUNET_PREDICT, {
-                    "threads": args.threads, "model": str(models["nnunet"]), "tta": tta, "labels": CT_LABELS,
-                    "file": str(dataset["files"][0]), "output": str(work / "nnunet_out" / f"{name}_{stage}")},
-                    their_env)
-    if "revert" in args.stages and list(dataset["shape"]) in [list(s) for s in args.predict_sizes]:
-        out["revert"] = compare_reverts(args, work, dataset, configuration, env)
+            out[stage] = {"nnunet": run_snippet(python, NNUNET_PREDICT, {
+                "threads": args.threads, "model": str(models["nnunet"]), "tta": tta, "labels": CT_LABELS,
+                "file": str(dataset["files"][0]), "output": str(work / "nnunet_out" / f"{name}_{stage}")}, their_env)}
     return out
+
+
+def nnunet_preprocess(args, work: Path, dataset: dict, python: str, stats: dict, env: dict) -> dict:
+    """nnUNetv2_preprocess of one size with the shared plan, and its cache on disk."""
+    folder = work / "nnUNet_preprocessed" / dataset["name"]
+    shutil.rmtree(folder / "nnUNetPlans_3d_fullres", ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "nnUNetPlans.json").write_text(json.dumps(nnunet_plans(args, stats, dataset["name"], dataset["shape"]),
+                                                        indent=1))
+    shutil.copyfile(dataset["raw"] / "dataset.json", folder / "dataset.json")
+    result = nnunet_command(python, "nnUNetv2_preprocess", [
+        "-d", str(dataset["id"]), "-c", "3d_fullres", "-np", str(args.threads), "-plans_name", "nnUNetPlans"], env)
+    result["disk_mb"] = folder_mb(folder / "nnUNetPlans_3d_fullres")
+    return result
 
 
 def prepare_models(args, work: Path, configuration: dict, stats: dict) -> dict:
@@ -359,6 +377,8 @@ def main(argv=None) -> int:
     parser.add_argument("--patch", default="64x128x128")
     parser.add_argument("--features", default="8,16,32,64")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sides", default="autoplan,nnunet", help="autoplan,nnunet or one of them (nnunet "
+                                                                    "needs --nnunet-venv)")
     parser.add_argument("--nnunet-venv", default=None, help="a virtual environment with nnunetv2 (e.g. /work/nnunet_env)")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("AUTOPLAN_BENCH_DIR", "/tmp")) / "scaling_bench")
     parser.add_argument("--table-only", action="store_true", help="print the tables of the measurements kept in --work")
@@ -370,7 +390,9 @@ def main(argv=None) -> int:
     args.sizes = [parse_shape(s) for s in args.sizes.split(",")]
     args.predict_sizes = [parse_shape(s) for s in args.predict_sizes.split(",")] if args.predict_sizes else args.sizes
     args.tta_modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.tta]
-    args.stages = set(args.stages.split(","))
+    args.stages, args.sides = set(args.stages.split(",")), set(args.sides.split(","))
+    if "nnunet" not in args.sides:
+        args.nnunet_venv = None
     args.spacing, args.plan_spacing, args.patch = (tuple(float(v) for v in args.spacing.split("x")),
                                                    tuple(float(v) for v in args.plan_spacing.split("x")),
                                                    parse_shape(args.patch))
@@ -386,7 +408,8 @@ def main(argv=None) -> int:
         stages = measure_size(args, args.work, dataset, models, configuration, stats)
         entry = measurements["sizes"].setdefault(dataset["name"], {"shape": list(shape), "voxels": dataset["voxels"],
                                                                    "stages": {}})
-        entry["stages"].update(stages)
+        for stage, sides in stages.items():     # a side not run keeps its earlier measurement
+            entry["stages"].setdefault(stage, {}).update(sides)
         if {"fingerprint", "preprocess"} & set(stages):
             entry["volumes"] = max(args.volumes, 1)
         measurements["meta"] = {"description": describe(args, models)}

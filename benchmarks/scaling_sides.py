@@ -74,9 +74,8 @@ NNUNET_PREDICT = textwrap.dedent('''
     if not os.path.exists(checkpoint):   # an untrained PlainConvUNet of the shared plan
         plans = PlansManager(os.path.join(model, "plans.json"))
         cm = plans.get_configuration("3d_fullres")
-        network = nnUNetTrainer.build_network_architecture(
-            cm.network_arch_class_name, cm.network_arch_init_kwargs, cm.network_arch_init_kwargs_req_import,
-            1, len(config["labels"]), enable_deep_supervision=False)
+        network = nnUNetTrainer.build_network_architecture(plans, cm, 1, len(config["labels"]),
+                                                           enable_deep_supervision=False)
         os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
         torch.save({"network_weights": network.state_dict(), "trainer_name": "nnUNetTrainer",
                     "init_args": {"configuration": "3d_fullres"}, "inference_allowed_mirroring_axes": (0, 1, 2)},
