@@ -20,7 +20,7 @@ CLASSIFIER_MAX_BATCH = 128
 CLASSIFIER_CPU_BATCH = 32
 CLASSIFIER_MAX_EDGE = 512           # beyond this ResNets gain little per extra pixel
 CLASSIFIER_MIN_EDGE = 64
-TARGET_EPOCHS_CLASSIFICATION = 25.0  # passes over the training images (HAM10000 evidence in docs/planning.md)
+TARGET_EPOCHS_CLASSIFICATION = 50.0  # passes over the training images (HAM10000 evidence in docs/planning.md)
 EPOCH_VALIDATION_PER_CLASS = 100    # classifier's per-epoch check: at most this many images a class
 
 
@@ -71,6 +71,7 @@ CLASS_WEIGHT_EXPONENT = 0.25
 # runs, accuracy / balanced accuracy): 0 gave 0.770 / 0.639 and 0.770 / 0.614, 0.5 gave
 # 0.782 / 0.630 and 0.776 / 0.597, 1 gave 0.778-0.784 / 0.55-0.59 (five models). Chosen on that
 # same validation fold; the first fresh run with it gave 0.777 / 0.601 (0.763 / 0.610 without).
+# It is the plan's default: `autoplan calibrate` chooses a run's rule on out-of-fold predictions.
 POSTERIOR_CORRECTION = 0.5
 
 
@@ -101,7 +102,8 @@ def imbalance_handling(classes: list, counts: dict) -> dict:
                        f"frequency or balanced sampling cost accuracy and would repeat the rarest "
                        f"class's {int(present.min())} images up to ~{ratio:.0f}x as often); "
                        f"predictions take back {POSTERIOR_CORRECTION:g} of the weights' tilt "
-                       f"(probabilities x weight^-{POSTERIOR_CORRECTION:g}, renormalised)")}
+                       f"(probabilities x weight^-{POSTERIOR_CORRECTION:g}, renormalised; a default: "
+                       f"`autoplan calibrate` chooses it on out-of-fold predictions)")}
 
 
 def epoch_validation_iterations(class_counts: dict, n_val: int, batch: int) -> int:
