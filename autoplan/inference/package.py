@@ -73,6 +73,11 @@ def _run_contents(model_dir, weights: str) -> tuple:
     """(manifest fields, files) of one run, or of the one fold given."""
     folds = fold_folders(model_dir)
     spec = RunSpec.load(folds[0] / "plan.json")
+    if getattr(spec.configuration, "previous_stage", None):
+        # a package holds one run; a cascade also needs its first stage's run to predict
+        raise InputError(model_dir, f"is a cascade ({spec.configuration.name} after "
+                                    f"{spec.configuration.previous_stage}): model packages of cascades are not "
+                                    "supported yet; share the results folder with both runs instead")
     fields = {"format_version": PACKAGE_VERSION, "dataset": spec.dataset, "task_type": spec.task_type,
               "configuration": spec.configuration.name, "run": folds[0].parent.name,
               "folds": [fold.name for fold in folds], "labels": spec.labels, "classes": spec.classes}

@@ -9,6 +9,7 @@ from autoplan.artifacts import Member
 from autoplan.errors import InputError
 from autoplan.paths import plans_file
 from autoplan.runs import RunSpec
+from autoplan.selection.budget import NOT_COMPARED
 
 
 @dataclass
@@ -48,6 +49,9 @@ def complete_candidates(candidates: list, folds: list) -> tuple:
     """(candidates with every fold of ``folds`` finished, {label: why another was left out})."""
     complete, excluded = [], {}
     for candidate in candidates:
+        if candidate.member.configuration in NOT_COMPARED:
+            excluded[candidate.member.label] = NOT_COMPARED[candidate.member.configuration]
+            continue
         missing = missing_folds(candidate, folds)
         if missing:
             excluded[candidate.member.label] = (f"fold {', '.join(map(str, missing))} not trained or not "
