@@ -39,16 +39,29 @@ def _row(loss: str, split: str, rule: str, metrics: dict) -> list:
 def _evaluate(model: Path, output: Path) -> dict:
     if not (output / "metrics.json").is_file():
         autoplan("evaluate", "--model", model, "--dataset", NAME, "--split", "test", "--output", output,
-                 *folders_args())
+                 "--raw", WORK / "raw", "--results", WORK / "results")
     return json.loads((output / "metrics.json").read_text())
 
 
-def run_loss(loss: str, minutes: float) -> list:
+def train(loss: str, minutes: float) -> str:
+    """The run folder's name; trains it unless it is there already."""
     run = f"untouched-{minutes:g}min-{loss}"
-    run_dir = WORK / "results" / NAME / "classifier" / run
-    if not (run_dir / "fold_0" / "metrics.json").is_file():
+    if not (WORK / "results" / NAME / "classifier" / run / "fold_0" / "metrics.json").is_file():
         autoplan("plan-and-train", NAME, "--time-budget", minutes, "--device", "cpu", "--fold", "0",
                  "--loss", loss, "--run-name", run, "--overwrite", *folders_args())
+    return run
+
+
+def _plan_summary(run_dir: Path) -> str:
+    spec = json.loads((run_dir / "fold_0" / "plan.json").read_text())
+    run = json.loads((run_dir / "fold_0" / "run.json").read_text())
+    size = "x".join(map(str, spec["configuration"]["patch_size"]))
+    return f"{spec['options'].get('loss') or spec['configuration']['loss']}, {size}, {run['epochs_completed']} ep"
+
+
+def score_run(run: str) -> list:
+    run_dir = WORK / "results" / NAME / "classifier" / run
+    loss = _plan_summary(run_dir)
     fold0 = json.loads((run_dir / "fold_0" / "metrics.json").read_text())
     rule = "plan default (correction 0.5)"
     test_before = _evaluate(run_dir / "fold_0", run_dir / "test_default_rule")
@@ -70,13 +83,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--loss", default="ce,ce_focal")
     parser.add_argument("--time-budget", type=float, default=30.0)
+    parser.add_argument("--runs", default="", help="score these existing run folders instead of training per loss")
     args = parser.parse_args()
     ensure_imported(NAME)
     if not (WORK / "results" / NAME / "test_split.json").is_file():
         autoplan("split", NAME, "--test-fraction", 0.15, "--raw", WORK / "raw", "--results", WORK / "results")
-    rows = [row for loss in args.loss.split(",") for row in run_loss(loss, args.time_budget)]
+    runs = args.runs.split(",") if args.runs else [train(loss, args.time_budget) for loss in args.loss.split(",")]
+    rows = [row for run in runs for row in score_run(run)]
     print(f"\nHAM10000, {args.time_budget:g} min from scratch on the CPU, fold 0 vs the untouched test split\n")
-    print(markdown_table(["loss", "images", "decision rule", "accuracy", "balanced accuracy", "melanoma recall"],
+    print(markdown_table(["run (loss, input, epochs)", "images", "decision rule", "accuracy", "balanced accuracy", "melanoma recall"],
                          rows))
 
 
