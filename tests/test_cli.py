@@ -186,7 +186,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_case(tmp_
     computed = []
     from autoplan.inference import predictor
 
-    monkeypatch.setattr(predictor, "predict_case_probabilities", lambda *a, **k: computed.append(a))
+    monkeypatch.setattr(predictor, "predict_case", lambda *a, **k: computed.append(a))
     assert main(["predict", "--model", str(model), "--input", str(inputs), "--output",
                  str(tmp_path / "locked" / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

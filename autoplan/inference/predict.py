@@ -180,7 +180,7 @@ def _predict_segmentation(session: PredictionSession, cases: list, output_dir: P
             if len(targets[target]) > 1:
                 others = ", ".join(str(c.files[0].name) for c in targets[target])
                 raise InputError(case.files[0], f"several inputs ({others}) would write {target.name}")
-            image = read_case(case.files, spec.configuration.n_input_channels)
+            image = read_case(case.files, spec.configuration.n_image_channels)
             case_reasons = check_case(image, reference, spec.configuration) if reference is not None else []
             label_map, probabilities = segment_case(session, image, case.name)
             written.append(write_image(label_map, target, reference=image))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from autoplan.errors import InputError
+from autoplan.inference.cascade import with_previous_stage
 from autoplan.inference.classification import classify_pixels
 from autoplan.inference.models import Ensemble, load_choice, load_ensemble
 from autoplan.inference.segmentation import apply_postprocessing, predict_case
@@ -107,6 +108,7 @@ class Predictor:
         few slices, not by the volume times the classes).
         """
         self._require("segmentation")
+        image = with_previous_stage(image, self.ensemble, self.tta, self.device)   # a cascade: 3d_lowres first
         prediction = predict_case([(ensemble.networks, ensemble.spec) for ensemble in self.ensembles], image,
                                   self.tta, self.device, case_id, with_probabilities=self.keep_probabilities,
                                   clock=self.clock)
@@ -120,11 +122,12 @@ class Predictor:
     def _image(self, array, spacing) -> ImageData:
         array = np.asarray(array)
         dim = self.image_dim
-        if array.ndim == dim and self.spec.configuration.n_input_channels == 1:
+        channels = self.spec.configuration.n_image_channels     # a cascade adds its own channels later
+        if array.ndim == dim and channels == 1:
             array = array[None]
-        if array.ndim != dim + 1 or array.shape[0] != self.spec.configuration.n_input_channels:
+        if array.ndim != dim + 1 or array.shape[0] != channels:
             raise InputError(None, f"array of shape {array.shape}: this {dim}D model takes "
-                                   f"({self.spec.configuration.n_input_channels}, {'Z, ' if dim == 3 else ''}Y, X)")
+                                   f"({channels}, {'Z, ' if dim == 3 else ''}Y, X)")
         spacing = tuple(float(s) for s in (spacing if spacing is not None else [1.0] * dim))
         if len(spacing) != dim or not all(s > 0 for s in spacing):
             raise InputError(None, f"spacing {spacing}: give {dim} positive values in array axis order")

@@ -61,6 +61,9 @@ def _member_rows(networks: list, spec: RunSpec, image, tta: bool, device, case_i
     configuration = spec.configuration
     started = time.perf_counter()
     data, _, properties = preprocessing.preprocess_case(image, None, configuration, case_id)
+    if configuration.previous_stage:     # one-hot channels resampled with the image: back to 0/1, as trained
+        first = configuration.n_image_channels
+        data[first:] = data[first:] > 0.5
     _tick(clock, "preprocess", started)
     slabs = sliding_window_slabs(networks, torch.from_numpy(np.asarray(data, dtype=np.float32)),
                                  configuration.patch_size, configuration.n_outputs,
