@@ -69,3 +69,39 @@ def measured_run(command, env=None, cwd=None) -> dict:
     process.returncode = os.waitstatus_to_exitcode(status)
     return {"seconds": time.monotonic() - started, "peak_mb": usage.ru_maxrss / 1024,
             "returncode": process.returncode, "output": output}
+
+
+def nnunet_plans_json(dataset_name: str, batch_size: int, patch_size, median_shape, spacing, normalization: str,
+                      layout: dict, original_spacing, original_shape, intensity_stats: dict) -> dict:
+    """nnU-Net v2 plans.json with one 3d_fullres configuration: a PlainConvUNet of ``layout``
+    (n_stages, features_per_stage, kernel_sizes, strides), nnU-Net's default resampling; what
+    the benchmarks give nnU-Net so both sides run the same plan."""
+    resampling = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+    n_stages = layout["n_stages"]
+    configuration = {
+        "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": batch_size, "patch_size": list(patch_size), "median_image_size_in_voxels": list(median_shape),
+        "spacing": list(spacing), "normalization_schemes": [normalization], "use_mask_for_norm": [False],
+        "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": resampling,
+        "resampling_fn_seg": "resample_data_or_seg_to_shape",
+        "resampling_fn_seg_kwargs": dict(resampling, is_seg=True, order=1),
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+        "resampling_fn_probabilities_kwargs": dict(resampling, order=1),
+        "architecture": {
+            "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {
+                "n_stages": n_stages, "features_per_stage": layout["features_per_stage"],
+                "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": layout["kernel_sizes"],
+                "strides": layout["strides"], "n_conv_per_stage": [2] * n_stages,
+                "n_conv_per_stage_decoder": [2] * (n_stages - 1), "conv_bias": True,
+                "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+                "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
+        "batch_dice": False}
+    return {"dataset_name": dataset_name, "plans_name": "nnUNetPlans",
+            "original_median_spacing_after_transp": list(original_spacing),
+            "original_median_shape_after_transp": list(original_shape), "image_reader_writer": "SimpleITKIO",
+            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+            "configurations": {"3d_fullres": configuration}, "experiment_planner_used": "ExperimentPlanner",
+            "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {"0": intensity_stats}}

@@ -30,6 +30,9 @@ import textwrap
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import nnunet_plans_json  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 HIPPOCAMPUS_LABELS = {"background": 0, "anterior": 1, "posterior": 2}
@@ -123,38 +126,10 @@ NNUNET_SCRIPT = textwrap.dedent('''
 
 def nnunet_plans(network: dict) -> tuple[dict, dict]:
     """nnU-Net v2 plans.json / dataset.json of the hippocampus 3d_fullres plan (its own numbers)."""
-    resampling = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
-    configuration = {
-        "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
-        "batch_size": 9, "patch_size": [40, 56, 40], "median_image_size_in_voxels": [36, 50, 35],
-        "spacing": [1.0, 1.0, 1.0], "normalization_schemes": ["ZScoreNormalization"],
-        "use_mask_for_norm": [False],
-        "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": resampling,
-        "resampling_fn_seg": "resample_data_or_seg_to_shape",
-        "resampling_fn_seg_kwargs": dict(resampling, is_seg=True, order=1),
-        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-        "resampling_fn_probabilities_kwargs": dict(resampling, order=1),
-        "architecture": {
-            "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            "arch_kwargs": {
-                "n_stages": network["n_stages"], "features_per_stage": network["features_per_stage"],
-                "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": network["kernel_sizes"],
-                "strides": network["strides"], "n_conv_per_stage": [2] * network["n_stages"],
-                "n_conv_per_stage_decoder": [2] * (network["n_stages"] - 1), "conv_bias": True,
-                "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
-                "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
-            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
-        "batch_dice": False}
-    plans = {"dataset_name": "Dataset004_Hippocampus", "plans_name": "nnUNetPlans",
-             "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
-             "original_median_shape_after_transp": [36, 50, 35], "image_reader_writer": "SimpleITKIO",
-             "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
-             "configurations": {"3d_fullres": configuration}, "experiment_planner_used": "ExperimentPlanner",
-             "label_manager": "LabelManager",
-             "foreground_intensity_properties_per_channel": {"0": {
-                 "max": 1.0, "mean": 0.0, "median": 0.0, "min": 0.0, "percentile_00_5": 0.0,
-                 "percentile_99_5": 1.0, "std": 1.0}}}
+    stats = {"max": 1.0, "mean": 0.0, "median": 0.0, "min": 0.0, "percentile_00_5": 0.0, "percentile_99_5": 1.0,
+             "std": 1.0}
+    plans = nnunet_plans_json("Dataset004_Hippocampus", 9, [40, 56, 40], [36, 50, 35], [1.0, 1.0, 1.0],
+                              "ZScoreNormalization", network, [1.0, 1.0, 1.0], [36, 50, 35], stats)
     dataset_json = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
                     "numTraining": 260, "file_ending": ".nii.gz"}
     return plans, dataset_json
