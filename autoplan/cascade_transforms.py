@@ -63,6 +63,14 @@ def _ball_operation(mask, name, radius):
     return operations[name](mask)
 
 
+def _perturbed_samples(data, p_per_sample: float):
+    """The batch's samples a perturbation hits, each with probability ``p_per_sample`` (drawn
+    lazily, one draw per sample in order, so the transforms' other draws interleave as before)."""
+    for sample in range(data.shape[0]):
+        if np.random.uniform() < p_per_sample:
+            yield sample
+
+
 class RandomBinaryMorphology(AbstractTransform):
     """Per sample (p=0.4) and per previous-stage channel, in random order: one of dilation,
     erosion, opening, closing by a random ball; voxels a channel gains are removed from the
@@ -74,9 +82,7 @@ class RandomBinaryMorphology(AbstractTransform):
     def __call__(self, **data_dict):
         data = data_dict["data"]
         first = data.shape[1] - self.n_channels
-        for sample in range(data.shape[0]):
-            if np.random.uniform() >= self.p_per_sample:
-                continue
+        for sample in _perturbed_samples(data, self.p_per_sample):
             for channel in first + np.random.permutation(self.n_channels):
                 mask = data[sample, channel] > 0.5
                 if not mask.any():
@@ -102,9 +108,7 @@ class RemoveRandomComponent(AbstractTransform):
 
         data = data_dict["data"]
         first = data.shape[1] - self.n_channels
-        for sample in range(data.shape[0]):
-            if np.random.uniform() >= self.p_per_sample:
-                continue
+        for sample in _perturbed_samples(data, self.p_per_sample):
             for channel in range(first, data.shape[1]):
                 components, n = ndimage.label(data[sample, channel] > 0.5)
                 sizes = np.bincount(components.ravel())[1:]
