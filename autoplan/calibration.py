@@ -28,7 +28,7 @@ balanced accuracy alone gives the majority away), ``balanced_accuracy`` or ``acc
 """
 
 import datetime
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -259,9 +259,9 @@ def calibrate_run(dataset, folders, configuration: str = "classifier", run: str 
         probabilities, y_true, cases = out_of_fold_probabilities(dataset, splits, folds, tta, device)
     calibration = choose_rule(np.log(np.clip(probabilities, 1e-12, None)), y_true, spec,
                               [dataset.case(case_id).group or case_id for case_id in cases], objective)
-    calibration.dataset, calibration.run, calibration.folds, calibration.tta = (
-        dataset.name, str(run_dir), list(folds), tta)
-    calibration.reason = _reason(calibration.rule, calibration.cross_fitted, objective, list(folds), len(y_true))
+    calibration = replace(calibration, dataset=dataset.name, run=str(run_dir), folds=list(folds), tta=tta,
+                          reason=_reason(calibration.rule, calibration.cross_fitted, objective, list(folds),
+                                         len(y_true)))
     _write_rule(folds, calibration)
     calibration.save(run_dir / CALIBRATION_FILE)
     return calibration

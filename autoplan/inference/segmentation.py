@@ -137,9 +137,9 @@ def _timed(slabs, clock: dict | None, stage: str):
 
 def probabilities_to_labels(probabilities: np.ndarray, spec: RunSpec) -> np.ndarray:
     """Label map with the dataset's label ids (output channel k is the k-th smallest id)."""
-    label_values = np.asarray(sorted(int(v) for v in spec.labels.values()) or range(len(probabilities)))
+    lookup = _label_lookup(spec, len(probabilities))
     index = np.asarray(probabilities).argmax(axis=0)
-    labels = label_values[index] if len(label_values) == len(probabilities) else index
+    labels = lookup[index] if lookup is not None else index
     return labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)
 
 
