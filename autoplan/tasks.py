@@ -166,7 +166,7 @@ class SegmentationTask(_Task):
 
     def _predict_validation_fold(self, network, device, run_dir: Path) -> list:
         """Per validation case {case, image, reference, prediction (before post-processing), spacing}."""
-        from autoplan.inference.segmentation import predict_case_probabilities, probabilities_to_labels
+        from autoplan.inference.segmentation import predict_case
         from autoplan.io import read_case_images, read_case_labels
 
         network.eval()
@@ -176,9 +176,10 @@ class SegmentationTask(_Task):
             case = self.dataset.case(case_id)
             image = read_case_images(case)
             network_input = self._network_input(image, case_id, run_dir)
-            probabilities, _ = predict_case_probabilities([network], self.spec, network_input, tta=True, device=device)
+            # labels only: a clinical-size validation case never holds K probabilities per voxel
+            labels = predict_case([([network], self.spec)], network_input, tta=True, device=device).labels
             cases.append({"case": case_id, "image": image.array, "spacing": list(image.spacing),
-                          "prediction": probabilities_to_labels(probabilities, self.spec).astype(np.int16),
+                          "prediction": labels.astype(np.int16),
                           "reference": read_case_labels(case, image, label_ids).astype(np.int16)})
         return cases
 
