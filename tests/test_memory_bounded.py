@@ -172,3 +172,29 @@ def test_sliding_window_sums_only_a_tile_deep_slab(monkeypatch):
     whole = torch.cat([s for _, s in slabs], dim=1)
     np.testing.assert_allclose(whole, sliding_window_predict(net, data, (8, 16, 16), 3, mirror_axes=(0, 1, 2)),
                                atol=1e-6)
+
+
+def test_preprocessing_a_volume_holds_one_float32_copy_of_it(monkeypatch):
+    """Cropping the stored dtype, normalising in place and cubic resampling in pieces: the peak
+    above the int16 input is its float32 copy, a quarter of it for the in-plane-resampled grid
+    and the output. scipy's 3D zoom of the whole volume would add a padded float32 and a padded
+    float64 copy (above 4x in all), numpy's clip and std a copy each."""
+    from autoplan.preprocessing import normalization, resampling
+
+    monkeypatch.setattr(resampling, "ZOOM_CHUNK_VALUES", 2 ** 12)      # chunks small beside this volume
+    monkeypatch.setattr(normalization, "STATISTICS_CHUNK_VALUES", 2 ** 12)
+    shape = (96, 64, 64)
+    image = ImageData(array=(blobs(shape, seed=4) * 300).astype(np.int16), spacing=(1.0, 0.8, 0.8),
+                      source_format="array")
+    float_bytes = 4 * int(np.prod(shape))
+    for scheme in ({"scheme": "zscore"}, {"scheme": "ct", "clip": [-100.0, 500.0], "mean": 50.0, "std": 80.0}):
+        spec = spec_of((2.0, 1.6, 1.6), (16, 32, 32))
+        spec.configuration.normalization = [scheme]
+        tracemalloc.start()
+        try:
+            data, _, _ = preprocessing.preprocess_case(image, None, spec.configuration, "case")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert data.shape == (1, 48, 32, 32)
+        assert peak < 1.6 * float_bytes, (scheme["scheme"], peak / float_bytes)

@@ -398,3 +398,44 @@ def test_linear_resampling_through_torch_equals_ndimage_zoom(shape, new_shape):
     expected = np.stack([ndimage.zoom(c, [n / o for n, o in zip(new_shape, c.shape)], order=1,
                                       mode="nearest", grid_mode=True) for c in data])
     np.testing.assert_allclose(resample(data, new_shape, order=1), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, new_shape", [((20, 30, 40), (10, 15, 20)), ((17, 33, 29), (40, 20, 60)),
+                                              ((9, 64, 70), (30, 64, 70))])
+def test_cubic_volume_resampling_in_pieces_equals_scipy_3d_zoom(shape, new_shape, monkeypatch):
+    """The first axis a few columns at a time, then plane by plane, gives scipy's 3D zoom
+    (separable spline), so the memory-bounded path changes no preprocessed value."""
+    from scipy import ndimage
+
+    from autoplan.preprocessing import resampling
+
+    monkeypatch.setattr(resampling, "ZOOM_CHUNK_VALUES", 97)     # many column blocks, ragged last one
+    values = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    expected = ndimage.zoom(values, [n / o for n, o in zip(new_shape, shape)], order=3, mode="nearest",
+                            grid_mode=True)
+    got = resampling._zoom_volume(values, new_shape, 3)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_chunked_mean_and_std_equal_numpy(with_mask, monkeypatch):
+    from autoplan.preprocessing import normalization
+
+    monkeypatch.setattr(normalization, "STATISTICS_CHUNK_VALUES", 50)
+    values = (1000 + 3 * np.random.default_rng(2).normal(size=(13, 7, 11))).astype(np.float32)
+    mask = values > 1001 if with_mask else None
+    inside = values[mask] if with_mask else values
+    mean, std = normalization.mean_and_std(values, mask)
+    assert mean == pytest.approx(inside.astype(np.float64).mean(), rel=1e-12)
+    assert std == pytest.approx(inside.astype(np.float64).std(), rel=1e-9)
+
+
+def test_preprocess_case_leaves_the_callers_float32_array_alone():
+    """Normalisation works in place on preprocessing's own copy, never on the image it was given."""
+    pixels = np.random.default_rng(3).normal(5, 2, (1, 12, 14, 10)).astype(np.float32)
+    before = pixels.copy()
+    configuration = make_configuration(normalization=[{"scheme": "zscore"}])
+    data, _, _ = preprocess_case(ImageData(array=pixels, spacing=(1.0, 1.0, 1.0)), None, configuration)
+    np.testing.assert_array_equal(pixels, before)
+    assert abs(float(data.mean())) < 1e-5 and float(data.std()) == pytest.approx(1.0, abs=1e-4)

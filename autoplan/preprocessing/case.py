@@ -54,7 +54,7 @@ def preprocess_case(image, seg, configuration, case_id=""):
 
     ``image`` is an ``ImageData``; ``seg`` a label array ``([1,] ...)`` on the same grid.
     """
-    data = np.asarray(image.array, dtype=np.float32)
+    data = np.asarray(image.array)
     spacing = [float(s) for s in image.spacing]
     if seg is not None:
         seg = np.asarray(seg)
@@ -66,6 +66,10 @@ def preprocess_case(image, seg, configuration, case_id=""):
     fits_field_of_view = bool(field_of_view(configuration))
     spacing = working_spacing(data.shape[1:], spacing, configuration)
     data, seg, bbox = crop_to_nonzero(data, seg)
+    # Cropped first, then one float32 copy that normalisation and resampling may overwrite: a
+    # 512 x 512 x 400 int16 CT then costs one 400 MB float32 array, not several, and the
+    # caller's array is never changed.
+    data = np.array(data, dtype=np.float32)
     shape_after_crop = list(data.shape[1:])
     data = normalize(data, configuration.normalization, image.path)
 

@@ -34,7 +34,10 @@ def resample(data, new_shape, order=3, coarse=None, antialias=False):
         data = _low_pass_for(data, new_shape)
     if order == 1 and coarse is None and data.ndim in (3, 4):
         return _interpolate_linear(data, new_shape)
-    return np.stack([_resample_channel(c, new_shape, order, coarse) for c in data])
+    out = np.empty((len(data), *new_shape), dtype=np.float32)
+    for channel, values in enumerate(data):    # filled in place: np.stack would hold every channel twice
+        _resample_channel(values, new_shape, order, coarse, out[channel])
+    return out
 
 
 # Below this zoom factor an axis is low-passed before resampling (milder shrinking aliases little).
@@ -68,15 +71,68 @@ def _zoom(values, new_shape, order):
     return ndimage.zoom(values, factors, order=order, mode="nearest", grid_mode=True)
 
 
-def _resample_channel(values, new_shape, order, coarse):
+# Columns of a volume resampled along its first axis at a time by _zoom_volume (scipy's spline
+# prefilter makes a padded float64 copy of what it is given: about 32 MB a chunk).
+ZOOM_CHUNK_VALUES = 2 ** 22
+
+
+def _zoom_volume(values, new_shape, order, out=None):
+    """``_zoom`` of a float32 volume (into ``out`` when given) with memory of the output and one
+    intermediate grid, not of scipy's padded float64 copy of the whole input (1.3 GB for a
+    512 x 512 x 400 CT): each plane on its own and the first axis a block of columns at a time,
+    in the order whose intermediate grid is smaller.
+
+    Why this gives the 3D zoom's values (to float32 rounding, tests/test_preprocessing.py): a
+    tensor-product spline's prefilter and interpolation each act on one axis at a time, and
+    operators on different axes commute; an axis kept at its size is interpolated at its knots,
+    which gives its samples back.
+    """
+    new_shape = [int(n) for n in new_shape]
+    if values.ndim != 3 or order < 2:      # no prefilter below order 2: scipy makes no copy
+        return _into(out, _zoom(values, new_shape, order))
+    n_rows, plane = values.shape[0], list(values.shape[1:])
+    if n_rows * int(np.prod(new_shape[1:])) <= new_shape[0] * int(np.prod(plane)):
+        return _zoom_rows(_zoom_planes(values, new_shape[1:], order), new_shape[0], order, out)
+    return _zoom_planes(_zoom_rows(values, new_shape[0], order), new_shape[1:], order, out)
+
+
+def _into(out, values):
+    if out is None:
+        return values
+    out[...] = values
+    return out
+
+
+def _zoom_planes(values, new_plane, order, out=None):
+    if list(values.shape[1:]) == list(new_plane):
+        return _into(out, values)
+    out = np.empty((len(values), *new_plane), dtype=np.float32) if out is None else out
+    for row, plane in enumerate(values):
+        out[row] = _zoom(plane, new_plane, order)
+    return out
+
+
+def _zoom_rows(values, n_rows, order, out=None):
+    if len(values) == n_rows:
+        return _into(out, values)
+    out = np.empty((n_rows, *values.shape[1:]), dtype=np.float32) if out is None else out
+    columns, target = values.reshape(len(values), -1), out.reshape(n_rows, -1)
+    width = max(1, ZOOM_CHUNK_VALUES // len(values))
+    for first in range(0, columns.shape[1], width):
+        block = columns[:, first:first + width]
+        target[:, first:first + block.shape[1]] = _zoom(block, [n_rows, block.shape[1]], order)
+    return out
+
+
+def _resample_channel(values, new_shape, order, coarse, out=None):
     values = values.astype(np.float32, copy=False)
     if coarse is None:
-        return _zoom(values, new_shape, order)
+        return _zoom_volume(values, new_shape, order, out)
     planes = np.moveaxis(values, coarse, 0)
     plane_shape = [n for a, n in enumerate(new_shape) if a != coarse]
     planes = np.stack([_zoom(plane, plane_shape, order) for plane in planes])
     planes = np.moveaxis(planes, 0, coarse)
-    return _zoom(planes, new_shape, 0)
+    return _into(out, _zoom(planes, new_shape, 0))
 
 
 def resample_labels(labels, new_shape, coarse=None):
