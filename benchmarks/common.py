@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -56,19 +57,57 @@ def fmt(value, digits=3):
 
 
 def measured_run(command, env=None, cwd=None) -> dict:
-    """Run a command; wall seconds, peak resident memory (MB) of its largest process, output.
+    """Run a command; wall seconds, peak resident memory (MB) of its largest process, the peak of
+    its whole process tree's sum (``tree_peak_mb``: parallel workers together), output.
 
-    ``os.wait4`` reports the maximum RSS over the process and every descendant it waited
-    for: the largest single process, not the sum of parallel workers.
+    ``os.wait4`` reports the maximum RSS over the process and the descendants it reaped; workers
+    that a pool leaves to exit on their own (joblib's loky) are missed there, so the tree is also
+    sampled every 50 ms (psutil) and the larger figure kept.
     """
     started = time.monotonic()
     process = subprocess.Popen([str(c) for c in command], env=env, cwd=cwd, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
+    peaks, done = {"largest": 0, "tree": 0}, threading.Event()
+    sampler = threading.Thread(target=_sample_tree, args=(process.pid, peaks, done), daemon=True)
+    sampler.start()
     output = process.stdout.read()
+    done.set()          # before the wait: a reaped pid cannot be sampled any more
+    sampler.join()
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
-    return {"seconds": time.monotonic() - started, "peak_mb": usage.ru_maxrss / 1024,
+    return {"seconds": time.monotonic() - started,
+            "peak_mb": max(usage.ru_maxrss / 1024, peaks["largest"] / 2 ** 20),
+            "tree_peak_mb": max(usage.ru_maxrss / 1024, peaks["tree"] / 2 ** 20),
             "returncode": process.returncode, "output": output}
+
+
+def _sample_tree(pid: int, peaks: dict, done) -> None:
+    """Largest single RSS and largest sum of RSS over ``pid`` and its descendants, until ``done``."""
+    try:
+        import psutil
+    except ImportError:     # then only wait4's figure
+        return
+    try:
+        root = psutil.Process(pid)
+    except psutil.Error:
+        return
+    while not done.wait(0.05):
+        sizes = []
+        for member in [root, *_children(root)]:
+            try:
+                sizes.append(member.memory_info().rss)
+            except psutil.Error:
+                pass
+        if sizes:
+            peaks["largest"] = max(peaks["largest"], max(sizes))
+            peaks["tree"] = max(peaks["tree"], sum(sizes))
+
+
+def _children(process) -> list:
+    try:
+        return process.children(recursive=True)
+    except Exception:       # the process ended between two samples
+        return []
 
 
 def nnunet_plans_json(dataset_name: str, batch_size: int, patch_size, median_shape, spacing, normalization: str,

@@ -297,6 +297,12 @@ def _cell(result: dict | None, key: str, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _memory(result: dict | None) -> str:
+    """Peak RSS of the largest process, and of all its processes together where that was sampled."""
+    largest, tree = _cell(result, "peak_mb", 0), (result or {}).get("tree_peak_mb")
+    return largest if tree is None or "error" in result else f"{largest} ({tree:.0f})"
+
+
 def _ratio(ours, theirs, key) -> str:
     a, b = (ours or {}).get(key), (theirs or {}).get(key)
     return f"{a / b:.2f}" if a and b else ""
@@ -331,12 +337,13 @@ def print_tables(measurements: dict) -> None:
             ours, theirs = size["stages"][stage].get("autoplan", {}), size["stages"][stage].get("nnunet")
             rows.append(["x".join(map(str, size["shape"])), stage.replace("_", " "), size.get("volumes", 1)
                          if stage in ("fingerprint", "preprocess") else 1,
-                         _cell(ours, "seconds"), _cell(ours, "stage_seconds", 2), _cell(ours, "peak_mb", 0),
-                         _cell(theirs, "seconds"), _cell(theirs, "peak_mb", 0), _ratio(ours, theirs, "seconds"),
-                         _ratio(ours, theirs, "peak_mb"), _notes(stage, ours, theirs)])
+                         _cell(ours, "seconds"), _cell(ours, "stage_seconds", 2), _memory(ours),
+                         _cell(theirs, "seconds"), _memory(theirs), _ratio(ours, theirs, "seconds"),
+                         _ratio(ours, theirs, "peak_mb"), _ratio(ours, theirs, "tree_peak_mb"),
+                         _notes(stage, ours, theirs)])
     print(markdown_table(["size (z x y x x)", "stage", "volumes", "autoplan s", "of it the stage s",
-                          "autoplan peak MB", "nnU-Net s", "nnU-Net peak MB", "time ratio", "memory ratio",
-                          "notes"], rows))
+                          "autoplan peak MB (all processes)", "nnU-Net s", "nnU-Net peak MB (all processes)",
+                          "time ratio", "memory ratio", "all-process memory ratio", "notes"], rows))
     print("\nfitted exponent of time per volume against voxels (autoplan: in-process stage time; "
           "nnU-Net: whole command for fingerprint/preprocess, in-process for predict)\n")
     rows = []
@@ -363,6 +370,47 @@ def print_tables(measurements: dict) -> None:
                              _cell(result, "dice_vs_truth", 4), result.get("voxels_differing", "")])
         print(markdown_table(["size", "method", "seconds", "peak MB", "Dice vs whole-array path",
                               "Dice vs truth", "voxels differing"], rows))
+    print("\nissue 26's done-when, at the largest size measured\n")
+    print(markdown_table(["check", "measured", "target", "met"], done_when_rows(sizes, order)))
+
+
+def done_when_rows(sizes: dict, order: list) -> list:
+    """[check, measured, target, met] for the figures issue 26 asks of this benchmark."""
+    rows = []
+
+    def check(name, value, target, met):
+        rows.append([name, value, target, "yes" if met else "no"])
+
+    def largest_with(stage, side="autoplan"):
+        found = [n for n in order if "error" not in sizes[n]["stages"].get(stage, {}).get(side, {"error": 1})]
+        return (found[-1], sizes[found[-1]]["stages"][stage]) if found else (None, None)
+
+    name, predict = largest_with("predict_tta")
+    if name:
+        ours = predict["autoplan"]
+        share = sum(ours["parts"].get(k, 0) for k in ("revert", "write")) / ours["stage_seconds"]
+        check(f"prediction with TTA, {name}: peak RSS", f"{ours['peak_mb']:.0f} MiB", "<= 3 GB", ours["peak_mb"] <= 3000)
+        check(f"prediction with TTA, {name}: back to input grid + writing", f"{100 * share:.1f} %", "<= 15 %",
+              share <= 0.15)
+    name, preprocess = largest_with("preprocess", "nnunet")
+    if name and "error" not in preprocess.get("autoplan", {"error": 1}):
+        ours, theirs = preprocess["autoplan"], preprocess["nnunet"]
+        volumes = sizes[name].get("volumes", 1)
+        for key, label in (("seconds", "time"), ("peak_mb", "peak RSS"), ("tree_peak_mb", "peak RSS, all processes")):
+            if ours.get(key) and theirs.get(key):
+                ratio = ours[key] / theirs[key]
+                check(f"preprocessing {volumes} x {name}: {label} vs nnU-Net", f"{ratio:.2f}x", "<= 0.5x", ratio <= 0.5)
+        if ours.get("disk_mb") and theirs.get("disk_mb"):
+            ratio = ours["disk_mb"] / theirs["disk_mb"]
+            check(f"cache of {volumes} x {name} vs nnU-Net's", f"{ratio:.2f}x", "<= 1.5x", ratio <= 1.5)
+    for stage in STAGES:
+        points = [(sizes[n]["voxels"], per_volume(stage, sizes[n]["stages"].get(stage, {}).get("autoplan"),
+                                                  sizes[n].get("volumes", 1))) for n in order]
+        value = exponent(points)
+        if value is not None:
+            check(f"{stage.replace('_', ' ')}: exponent of time against voxels", f"{value:.2f}", "<= 1.1",
+                  value <= 1.1)
+    return rows
 
 
 def main(argv=None) -> int:
