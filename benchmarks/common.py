@@ -57,17 +57,20 @@ def fmt(value, digits=3):
 
 
 def measured_run(command, env=None, cwd=None) -> dict:
-    """Run a command; wall seconds, peak resident memory (MB) of its largest process, the peak of
-    its whole process tree's sum (``tree_peak_mb``: parallel workers together), output.
+    """Run a command; wall seconds, peak resident memory (MB) of its largest process
+    (``peak_mb``), the peak of its whole process tree's sum (``tree_peak_mb``: parallel workers
+    together), output.
 
-    ``os.wait4`` reports the maximum RSS over the process and the descendants it reaped; workers
-    that a pool leaves to exit on their own (joblib's loky) are missed there, so the tree is also
-    sampled every 50 ms (psutil) and the larger figure kept.
+    The tree is sampled every 50 ms (psutil): each process's own high-water mark (``VmHWM``,
+    so short peaks between samples count) and the sum of the current RSS. ``os.wait4``'s
+    ``ru_maxrss`` is not used where sampling works: Linux carries the parent's high-water mark
+    into a child started by vfork/exec, so a benchmark that grew to 3 GB making its data
+    reported 3 GB for every command it ran after; and it misses workers nobody reaps (loky).
     """
     started = time.monotonic()
     process = subprocess.Popen([str(c) for c in command], env=env, cwd=cwd, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
-    peaks, done = {"largest": 0, "tree": 0}, threading.Event()
+    peaks, done = {"largest": 0, "tree": 0, "sampled": False}, threading.Event()
     sampler = threading.Thread(target=_sample_tree, args=(process.pid, peaks, done), daemon=True)
     sampler.start()
     output = process.stdout.read()
@@ -75,32 +78,44 @@ def measured_run(command, env=None, cwd=None) -> dict:
     sampler.join()
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
+    fallback = usage.ru_maxrss / 1024
     return {"seconds": time.monotonic() - started,
-            "peak_mb": max(usage.ru_maxrss / 1024, peaks["largest"] / 2 ** 20),
-            "tree_peak_mb": max(usage.ru_maxrss / 1024, peaks["tree"] / 2 ** 20),
+            "peak_mb": peaks["largest"] / 2 ** 20 if peaks["sampled"] else fallback,
+            "tree_peak_mb": max(peaks["tree"], peaks["largest"]) / 2 ** 20 if peaks["sampled"] else fallback,
             "returncode": process.returncode, "output": output}
 
 
 def _sample_tree(pid: int, peaks: dict, done) -> None:
-    """Largest single RSS and largest sum of RSS over ``pid`` and its descendants, until ``done``."""
+    """Largest high-water mark and largest sum of RSS over ``pid`` and its descendants, until ``done``."""
     try:
         import psutil
-    except ImportError:     # then only wait4's figure
-        return
-    try:
         root = psutil.Process(pid)
-    except psutil.Error:
+    except (ImportError, Exception):     # no psutil, or the process is gone: wait4's figure then
         return
-    while not done.wait(0.05):
-        sizes = []
+    while True:
+        current = 0
         for member in [root, *_children(root)]:
             try:
-                sizes.append(member.memory_info().rss)
+                current += member.memory_info().rss
+                peaks["largest"] = max(peaks["largest"], _high_water_bytes(member.pid))
+                peaks["sampled"] = True
             except psutil.Error:
                 pass
-        if sizes:
-            peaks["largest"] = max(peaks["largest"], max(sizes))
-            peaks["tree"] = max(peaks["tree"], sum(sizes))
+        peaks["tree"] = max(peaks["tree"], current)
+        if done.wait(0.05):
+            return
+
+
+def _high_water_bytes(pid: int) -> int:
+    """The process's peak resident set so far (``VmHWM`` of /proc/PID/status), 0 when unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _children(process) -> list:

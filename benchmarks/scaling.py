@@ -20,8 +20,8 @@ stage, instance norm, LeakyReLU (autoplan's UNet and nnU-Net's PlainConvUNet are
 design; the table gives both parameter counts). The networks are left untrained (random
 weights): time and memory do not depend on the weights.
 
-Stages, each its own process (``common.measured_run``: wall seconds, and the peak resident
-memory of the largest process, workers included):
+Stages, each its own process (``common.measured_run``: wall seconds, the peak resident memory of
+the largest process, and in brackets of all its processes together, workers included):
 - fingerprint: ``fingerprint_dataset`` of the ``--volumes`` volumes / ``nnUNetv2_extract_fingerprint``;
 - preprocess: ``preprocess_dataset`` of them / ``nnUNetv2_preprocess -c 3d_fullres``, and the cache
   on disk;
@@ -29,6 +29,9 @@ memory of the largest process, workers included):
   back to the input grid, post-processing and writing the mask, as ``autoplan predict`` does,
   with the time of each part / ``nnUNetPredictor.predict_from_files`` (one worker for
   preprocessing and one for export).
+- loader (autoplan only, in this process, on the cache the preprocess stage left): batches per
+  second of the training loader (``--threads`` workers, default augmentation) against training
+  steps per second of the shared U-Net on the same batch (``benchmarks/loader.py``'s measures).
 ``--threads`` torch threads and workers on both sides. The exponent is the slope of
 log(seconds per volume) against log(voxels) over the sizes, of the in-process stage time
 (interpreter and import start-up, about 2 s, left out so they do not flatten the slope).
@@ -207,7 +210,26 @@ def measure_ours(args, work: Path, dataset: dict, models: dict, configuration: d
                 "tta": tta, "output": str(work / "out" / f"{dataset['name']}_{stage}.nii.gz")}, env)}
     if "revert" in args.stages and predicted:
         out["revert"] = compare_reverts(args, work, dataset, configuration, env)
+    if "loader" in args.stages:
+        out["loader"] = {"autoplan": loader_against_training(args, work, dataset, configuration)}
     return out
+
+
+def loader_against_training(args, work: Path, dataset: dict, configuration: dict) -> dict:
+    """Batches per second of the training loader on autoplan's cache of this size (``--threads``
+    workers, default augmentation) against training steps per second of the shared U-Net on the
+    same batch (``benchmarks/loader.py``'s measurements), or why not."""
+    from autoplan.planning import Configuration
+    from benchmarks.loader import loader_rate, training_rate
+
+    folder = work / "preprocessed" / dataset["name"] / "3d_fullres"
+    case_ids = [Path(path).name[: -len("_0000.nii.gz")] for path in dataset["files"]]
+    if not all((folder / f"{case_id}.json").is_file() for case_id in case_ids):
+        return {"error": f"no complete cache in {folder}: run the preprocess stage first"}
+    plan = Configuration(**configuration)
+    loader, batch = loader_rate(folder, case_ids, plan, args.threads, 8)
+    training = training_rate(plan, batch, 2, args.threads)
+    return {"loader_batches_per_s": loader, "train_steps_per_s": training, "stage_seconds": None}
 
 
 def measure_nnunet(args, work: Path, dataset: dict, models: dict, stats: dict) -> dict:
@@ -403,6 +425,12 @@ def done_when_rows(sizes: dict, order: list) -> list:
         if ours.get("disk_mb") and theirs.get("disk_mb"):
             ratio = ours["disk_mb"] / theirs["disk_mb"]
             check(f"cache of {volumes} x {name} vs nnU-Net's", f"{ratio:.2f}x", "<= 1.5x", ratio <= 1.5)
+    name, loader = largest_with("loader")
+    if name:
+        ours = loader["autoplan"]
+        ratio = ours["loader_batches_per_s"] / ours["train_steps_per_s"]
+        check(f"loader on the cache of {name} vs training", f"{ours['loader_batches_per_s']:.2f} batches/s against "
+              f"{ours['train_steps_per_s']:.3f} steps/s ({ratio:.0f}x)", "> 1x", ratio > 1)
     for stage in STAGES:
         points = [(sizes[n]["voxels"], per_volume(stage, sizes[n]["stages"].get(stage, {}).get("autoplan"),
                                                   sizes[n].get("volumes", 1))) for n in order]
@@ -419,7 +447,8 @@ def main(argv=None) -> int:
     parser.add_argument("--predict-sizes", default=None, help="sizes to predict (default: all of --sizes)")
     parser.add_argument("--volumes", type=int, default=2, help="volumes per size for fingerprint and preprocessing")
     parser.add_argument("--tta", choices=("both", "on", "off"), default="both")
-    parser.add_argument("--stages", default="fingerprint,preprocess,predict,revert")
+    parser.add_argument("--stages", default="fingerprint,preprocess,predict,revert",
+                        help="of fingerprint,preprocess,predict,revert,loader (loader: on the cache preprocess left)")
     parser.add_argument("--spacing", default="1.0x0.8x0.8")
     parser.add_argument("--plan-spacing", default="2.0x1.6x1.6")
     parser.add_argument("--patch", default="64x128x128")

@@ -277,3 +277,18 @@ def test_a_study_folder_wrapping_one_series_reads_as_that_series():
     wrapped, direct = read_image(study), read_image(inner)
     assert wrapped.array.shape == direct.array.shape and wrapped.spacing == direct.spacing
     assert wrapped.origin == direct.origin and wrapped.direction == direct.direction
+
+
+@pytest.mark.parametrize("dtype, low, high", [(np.uint8, 0, 4), (np.int16, -3, 900), (np.int32, 0, 100000),
+                                              (np.bool_, 0, 2)])
+def test_distinct_values_counts_in_chunks_as_unique_would(dtype, low, high, monkeypatch):
+    """Label maps' values by chunked counting (a wide range falls back to np.unique): the same
+    sorted values and dtype as np.unique, whatever the chunking."""
+    from autoplan.io import cases
+
+    monkeypatch.setattr(cases, "COUNT_CHUNK_VALUES", 1000)
+    rng = np.random.default_rng(0)
+    array = rng.choice(np.arange(low, high, max(1, (high - low) // 7)), size=(7, 33, 41)).astype(dtype)
+    got = cases.distinct_values(array)
+    np.testing.assert_array_equal(got, np.unique(array))
+    assert got.dtype == np.unique(array).dtype

@@ -175,13 +175,13 @@ def test_sliding_window_sums_only_a_tile_deep_slab(monkeypatch):
 
 
 def test_preprocessing_a_volume_holds_one_float32_copy_of_it(monkeypatch):
-    """Cropping the stored dtype, normalising in place and cubic resampling in pieces: the peak
-    above the int16 input is its float32 copy, a quarter of it for the in-plane-resampled grid
-    and the output. scipy's 3D zoom of the whole volume would add a padded float32 and a padded
-    float64 copy (above 4x in all), numpy's clip and std a copy each."""
+    """Cropping the stored dtype, normalising in place and cubic resampling one axis at a time:
+    the peak above the int16 input is its float32 copy, the grids after the first two axes
+    (halved, then quartered), the output (an eighth) and a block of lines. scipy's 3D zoom of the whole volume would add a padded
+    float32 and a padded float64 copy (above 4x in all), numpy's clip and std a copy each."""
     from autoplan.preprocessing import normalization, resampling
 
-    monkeypatch.setattr(resampling, "ZOOM_CHUNK_VALUES", 2 ** 12)      # chunks small beside this volume
+    monkeypatch.setattr(resampling, "ZOOM_CHUNK_VALUES", 2 ** 10)      # chunks small beside this volume
     monkeypatch.setattr(normalization, "STATISTICS_CHUNK_VALUES", 2 ** 12)
     shape = (96, 64, 64)
     image = ImageData(array=(blobs(shape, seed=4) * 300).astype(np.int16), spacing=(1.0, 0.8, 0.8),
@@ -197,4 +197,4 @@ def test_preprocessing_a_volume_holds_one_float32_copy_of_it(monkeypatch):
         finally:
             tracemalloc.stop()
         assert data.shape == (1, 48, 32, 32)
-        assert peak < 1.6 * float_bytes, (scheme["scheme"], peak / float_bytes)
+        assert peak < 2.2 * float_bytes, (scheme["scheme"], peak / float_bytes)     # 1 + 1/2 + 1/4 + 1/8 + a block

@@ -401,9 +401,10 @@ def test_linear_resampling_through_torch_equals_ndimage_zoom(shape, new_shape):
 
 
 @pytest.mark.parametrize("shape, new_shape", [((20, 30, 40), (10, 15, 20)), ((17, 33, 29), (40, 20, 60)),
-                                              ((9, 64, 70), (30, 64, 70))])
-def test_cubic_volume_resampling_in_pieces_equals_scipy_3d_zoom(shape, new_shape, monkeypatch):
-    """The first axis a few columns at a time, then plane by plane, gives scipy's 3D zoom
+                                              ((9, 64, 70), (30, 64, 70)), ((3, 3, 3), (7, 2, 5)),
+                                              ((37, 23), (12, 70)), ((20,), (9,))])
+def test_cubic_resampling_axis_by_axis_equals_scipy_zoom(shape, new_shape, monkeypatch):
+    """One axis at a time, a few lines at a time, gives scipy's zoom of the whole image
     (separable spline), so the memory-bounded path changes no preprocessed value."""
     from scipy import ndimage
 

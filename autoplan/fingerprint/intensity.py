@@ -4,6 +4,7 @@ percentiles that prediction's quality checks compare new images with."""
 import numpy as np
 
 from autoplan.fingerprint.types import IntensityStats
+from autoplan.io.cases import integer_counts
 
 # nnU-Net v2 samples at most 10e7 foreground voxels for the whole dataset, spread evenly.
 MAX_FOREGROUND_SAMPLES = int(10e7)
@@ -81,9 +82,9 @@ def intensity_percentiles(array: np.ndarray) -> list:
 def _channel_percentiles(values: np.ndarray) -> list:
     if values.dtype.kind in "biu":
         low = int(values.min())
-        if int(values.max()) - low <= HISTOGRAM_SPAN:
-            shifted = values if low == 0 and values.dtype.kind in "bu" else values.astype(np.int64) - low
-            return [low + v for v in _histogram_percentiles(np.bincount(shifted), CASE_PERCENTILES)]
+        high = int(values.max())
+        if high - low <= HISTOGRAM_SPAN:
+            return [low + v for v in _histogram_percentiles(integer_counts(values, low, high), CASE_PERCENTILES)]
     probe = values[:: max(1, values.size // PERCENTILE_SAMPLE)].astype(np.float64)
     return [float(v) for v in np.percentile(probe, CASE_PERCENTILES)]
 

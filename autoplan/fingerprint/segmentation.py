@@ -92,7 +92,10 @@ def _analyze_segmentation_case(case, label_ids, samples_per_case) -> dict:
 
     counts, components, full_components = {}, {}, {}
     for label_id in label_ids:
+        # Inside the label's bounding box (the same components): labelling a 512 x 512 x 400 CT
+        # whole takes seconds and 400 MB of int32 component ids, per label and connectivity.
         mask = seg == label_id
+        mask = mask[bounding_box(mask)]
         counts[label_id] = int(mask.sum())
         components[label_id] = component_sizes(mask) if counts[label_id] else []
         full_components[label_id] = full_component_count(mask) if counts[label_id] else 0

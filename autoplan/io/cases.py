@@ -89,9 +89,37 @@ def read_mask(path) -> ImageData:
     return mask
 
 
+# Values counted at a time by integer_counts (a 32 MB int64 temporary).
+COUNT_CHUNK_VALUES = 2 ** 22
+
+
+def integer_counts(array, low: int, high: int) -> np.ndarray:
+    """How often each integer ``low..high`` occurs in ``array`` (all its values in that range),
+    counted a chunk at a time: ``np.bincount`` of a whole 512 x 512 x 400 int16 CT would first
+    make 840 MB of int64 copies of it."""
+    flat, counts = np.ravel(array), np.zeros(int(high) - int(low) + 1, dtype=np.int64)
+    for first in range(0, flat.size, COUNT_CHUNK_VALUES):
+        chunk = flat[first:first + COUNT_CHUNK_VALUES].astype(np.int64)
+        counts += np.bincount(chunk - low if low else chunk, minlength=len(counts))
+    return counts
+
+
+def distinct_values(array) -> np.ndarray:
+    """Sorted distinct values of ``array``. Integer arrays of a small range (label maps) are
+    counted (``integer_counts``): ``np.unique`` takes about 0.7 s on a 512 x 512 x 400 mask and
+    copies it, and preprocessing asks three times per case."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "iub" or array.size < COUNT_CHUNK_VALUES:
+        return np.unique(array)
+    low, high = int(array.min()), int(array.max())
+    if high - low > 2 ** 16:
+        return np.unique(array)
+    return (np.flatnonzero(integer_counts(array, low, high)) + low).astype(array.dtype)
+
+
 def mask_values(path, array: np.ndarray) -> list:
     """The distinct values of a mask as integers; fractional values are an InputError."""
-    unique = np.unique(array)
+    unique = distinct_values(array)
     if np.issubdtype(unique.dtype, np.floating) and not np.array_equal(unique, np.round(unique)):
         raise InputError(path, "mask holds fractional values; masks hold whole label values")
     return [int(v) for v in unique]

@@ -13,6 +13,7 @@ import numpy as np
 
 from autoplan.errors import InputError
 from autoplan.fingerprint.geometry import bounding_box
+from autoplan.io.cases import distinct_values
 from autoplan.jsonio import JsonDataclass, atomic_write_text, to_jsonable
 from autoplan.preprocessing.normalization import normalize
 from autoplan.preprocessing.resampling import SlabResampler, can_stream, coarse_axis, resample, resample_labels
@@ -153,7 +154,7 @@ def sample_class_locations(labels) -> dict:
     """Up to N_CLASS_LOCATIONS voxel indices per foreground label, sampled with a fixed seed."""
     rng = np.random.RandomState(LOCATION_SEED)
     locations = {}
-    for label in np.unique(labels):
+    for label in distinct_values(labels):
         if label == 0:
             continue
         found = np.argwhere(labels == label)
