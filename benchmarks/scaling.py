@@ -378,7 +378,8 @@ def print_tables(measurements: dict) -> None:
             cells.append("n/a" if value is None else f"{value:.2f} ({sum(1 for _, s in points if s)} sizes)")
         rows.append(cells)
     print(markdown_table(["stage", "autoplan", "nnU-Net v2"], rows))
-    reverts = [(n, sizes[n]["stages"]["revert"]) for n in order if "revert" in sizes[n]["stages"]]
+    reverts = [(n, sizes[n]["stages"]["revert"]) for n in order
+               if any(method != "error" for method in sizes[n]["stages"].get("revert", {}))]
     if reverts:
         print("\nback to the input grid, four ways (from the same working-grid probabilities: the true labels "
               "as signed distances, softmax; peak MB of the whole process, which loads them)\n")
