@@ -85,12 +85,12 @@ def _zoom_volume(values, new_shape, order, out=None):
     the whole input (1.3 GB for a 512 x 512 x 400 CT), and 4 spline taps per value and pass
     instead of 4^dim.
 
-    Why this gives scipy's 3D zoom values (to float32 rounding, tests/test_preprocessing.py):
+    Why this gives scipy's 3D zoom values (within about 1e-6, tests/test_preprocessing.py):
     a tensor-product spline's edge padding, prefilter and interpolation each act on one axis,
     and operators on different axes commute.
     """
     new_shape = [int(n) for n in new_shape]
-    if order != 3:      # no prefilter below order 2 (scipy makes no copy); other orders are not used on images
+    if order != 3:      # orders 0 and 1 (masks, probabilities) have no prefilter: scipy makes no copy
         return _into(out, _zoom(values, new_shape, order))
     axes = sorted((a for a in range(values.ndim) if new_shape[a] != values.shape[a]),
                   key=lambda a: new_shape[a] / values.shape[a])
