@@ -19,8 +19,9 @@ adjustment). Two candidates are fitted:
 The offsets have one parameter per class and can fit the noise of a few hundred images, so
 they are kept only when they also win on cases they were not fitted on: the out-of-fold
 cases are halved by lesion/patient (several seeded halvings), each candidate is fitted on
-one half and scored on the other, both ways; the higher mean cross-fitted score wins and is
-then refitted on all the out-of-fold cases.
+one half and scored on the other, both ways. The offsets are kept when their gain over the
+correction alone, paired split by split, exceeds two standard errors (``OFFSETS_MARGIN_ERRORS``);
+the chosen rule is then refitted on all the out-of-fold cases.
 
 Objective (``--objective``): ``mean`` of accuracy and balanced accuracy (the default: the
 majority class is most images, so accuracy alone rewards ignoring the rare classes and
@@ -44,6 +45,10 @@ OFFSET_GRID = np.round(np.linspace(-2.0, 2.0, 41), 2)
 OFFSET_SWEEPS = 3
 CROSS_FIT_REPEATS = 5
 CROSS_FIT_SEED = 0
+# Offsets are kept only when their paired cross-fitted gain over the correction alone exceeds
+# this many standard errors (the usual two, not tuned): one parameter per class can win a few
+# thousandths by chance, within what one halving to the next moves.
+OFFSETS_MARGIN_ERRORS = 2.0
 
 
 @dataclass
@@ -65,6 +70,7 @@ class Calibration(JsonDataclass):
     tta: bool = True
     created: str = ""
     classes: list = field(default_factory=list)
+    offsets_gain: list = field(default_factory=list)     # [mean, standard error] of the paired cross-fitted gain
 
 
 # ============================================================================ scoring a rule
@@ -143,7 +149,8 @@ def group_halves(groups: list, repeats: int = CROSS_FIT_REPEATS, seed: int = CRO
 
 
 def cross_fitted_scores(log_p, y_true, log_w, groups, objective: str) -> dict:
-    """{rule: mean objective of the rule fitted on one half of the groups, scored on the other}."""
+    """{rule: [objective of the rule fitted on one half of the groups, scored on the other], one
+    per half and halving, in the same order for both rules (so they pair up)}."""
     results = {}
     for rule in ("correction", "correction+offsets"):
         values = []
@@ -152,8 +159,14 @@ def cross_fitted_scores(log_p, y_true, log_w, groups, objective: str) -> dict:
                 correction, offsets = fit_rule(rule, log_p[fit_side], y_true[fit_side], log_w, objective)
                 scores = decision_scores(log_p[score_side], log_w, correction, offsets)
                 values.append(_score(y_true[score_side], scores, objective))
-        results[rule] = float(np.mean(values))
+        results[rule] = values
     return results
+
+
+def offsets_gain(per_split: dict) -> tuple:
+    """(mean, standard error) of what the offsets add to the correction alone, paired split by split."""
+    gain = np.asarray(per_split["correction+offsets"]) - np.asarray(per_split["correction"])
+    return float(gain.mean()), float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0
 
 
 # ============================================================================ the run's folds
@@ -203,11 +216,14 @@ def out_of_fold_probabilities(dataset, splits, folds: dict, tta: bool, device) -
 # ============================================================================ entry
 
 
-def _reason(rule: str, cross_fitted: dict, objective: str, folds: list, n_images: int) -> str:
-    other = "correction" if rule != "correction" else "correction+offsets"
-    return (f"{rule} has the higher {objective} on out-of-fold cases it was not fitted on "
-            f"({cross_fitted[rule]:.4f} vs {other} {cross_fitted[other]:.4f}; {CROSS_FIT_REPEATS} halvings of "
-            f"the lesions/patients), then refitted on the validation cases of fold "
+def _reason(calibration: "Calibration", objective: str, folds: list, n_images: int) -> str:
+    cross_fitted, (gain, error) = calibration.cross_fitted, calibration.offsets_gain
+    verdict = "exceeds" if calibration.rule == "correction+offsets" else "does not exceed"
+    return (f"{calibration.rule}: on out-of-fold cases they were not fitted on ({CROSS_FIT_REPEATS} halvings "
+            f"of the lesions/patients) per-class offsets score {objective} {cross_fitted['correction+offsets']:.4f} "
+            f"against {cross_fitted['correction']:.4f} for the correction alone, a paired gain of {gain:+.4f} "
+            f"(standard error {error:.4f}) that {verdict} {OFFSETS_MARGIN_ERRORS:g} standard errors; refitted "
+            f"on the validation cases of fold "
             f"{', '.join(map(str, folds))} ({n_images} images), each predicted by the model that did not "
             f"train on it")
 
@@ -260,8 +276,7 @@ def calibrate_run(dataset, folders, configuration: str = "classifier", run: str 
     calibration = choose_rule(np.log(np.clip(probabilities, 1e-12, None)), y_true, spec,
                               [dataset.case(case_id).group or case_id for case_id in cases], objective)
     calibration = replace(calibration, dataset=dataset.name, run=str(run_dir), folds=list(folds), tta=tta,
-                          reason=_reason(calibration.rule, calibration.cross_fitted, objective, list(folds),
-                                         len(y_true)))
+                          reason=_reason(calibration, objective, list(folds), len(y_true)))
     _write_rule(folds, calibration)
     calibration.save(run_dir / CALIBRATION_FILE)
     return calibration
@@ -271,8 +286,10 @@ def choose_rule(log_p, y_true, spec: RunSpec, groups: list, objective: str) -> C
     """The rule with the best cross-fitted objective, refitted on every image (a Calibration
     without its run's identity, which ``calibrate_run`` fills in)."""
     log_w = _training_log_weights(spec)
-    cross_fitted = cross_fitted_scores(log_p, y_true, log_w, groups, objective)
-    rule = max(cross_fitted, key=lambda name: (cross_fitted[name], name == "correction"))
+    per_split = cross_fitted_scores(log_p, y_true, log_w, groups, objective)
+    cross_fitted = {rule: float(np.mean(values)) for rule, values in per_split.items()}
+    gain, error = offsets_gain(per_split)
+    rule = "correction+offsets" if gain > OFFSETS_MARGIN_ERRORS * error and gain > 0 else "correction"
     correction, offsets = fit_rule(rule, log_p, y_true, log_w, objective)
     imbalance = spec.configuration.imbalance or {}
     earlier = decision_scores(log_p, log_w, float(imbalance.get("posterior_correction", 0.0)),
@@ -281,7 +298,8 @@ def choose_rule(log_p, y_true, spec: RunSpec, groups: list, objective: str) -> C
     return Calibration(
         dataset=spec.dataset, run="", folds=[], n_images=len(y_true), objective=objective, rule=rule,
         posterior_correction=correction, class_log_offsets=[round(float(b), 3) for b in offsets],
-        cross_fitted=cross_fitted, before=rule_metrics(y_true, earlier, n_classes),
+        cross_fitted=cross_fitted, offsets_gain=[round(gain, 5), round(error, 5)],
+        before=rule_metrics(y_true, earlier, n_classes),
         after=rule_metrics(y_true, decision_scores(log_p, log_w, correction, offsets), n_classes), reason="",
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         classes=list(spec.classes or []))

@@ -139,3 +139,19 @@ def test_calibrate_refuses_segmentation_and_missing_runs(tmp_path, capsys):
     assert "name the run to calibrate" in capsys.readouterr().err
     assert main(["calibrate", "DemoDerm", "--run", "nope", *folder_args]) == 2
     assert "no such run folder" in capsys.readouterr().err
+
+
+def test_offsets_need_a_gain_beyond_two_standard_errors():
+    """A win smaller than two standard errors of the paired cross-fitted gain keeps the
+    correction alone; the evidence is in the Calibration either way."""
+    from autoplan.calibration import OFFSETS_MARGIN_ERRORS, offsets_gain
+
+    noisy = {"correction": [0.70, 0.72, 0.69, 0.71], "correction+offsets": [0.72, 0.71, 0.70, 0.72]}
+    gain, error = offsets_gain(noisy)
+    assert gain == pytest.approx(0.0075) and gain < OFFSETS_MARGIN_ERRORS * error
+    clear = {"correction": [0.70, 0.72, 0.69, 0.71], "correction+offsets": [0.75, 0.76, 0.74, 0.76]}
+    gain, error = offsets_gain(clear)
+    assert gain > OFFSETS_MARGIN_ERRORS * error
+    groups = [f"lesion{i // 2}" for i in range(3000)]
+    biased = choose_rule(*_biased_predictions(3000, shift=2.0), _spec(3), groups, "mean")
+    assert biased.offsets_gain[0] > OFFSETS_MARGIN_ERRORS * biased.offsets_gain[1] > 0
