@@ -170,8 +170,9 @@ def apply_postprocessing(label_map: np.ndarray, postprocessing: dict | None) -> 
     for label in flagged:
         # Components are labelled inside the label's bounding box only: int32 component ids of
         # a whole 512 x 512 x 400 CT would be 400 MB for an organ of a few percent of it.
-        box = bounding_box(result == label)
-        mask = result[box] == label
+        mask = result == label
+        box = bounding_box(mask)
+        mask = mask[box]
         if mask.any():
             result[box][mask & ~largest_component(mask)] = 0
     return result
