@@ -14,7 +14,10 @@ report of an untouched test split (``autoplan split``) then says what it is wort
 The rule: decision scores are ``log p - c * log w + b`` (p the model's probabilities, w the
 training class weights, c the posterior correction, b one log offset per class: logit
 adjustment). Two candidates are fitted:
-  * ``correction``: c alone, on a grid 0..1 (b = 0);
+  * ``correction``: c alone, on a grid from ``CORRECTION_MIN`` to 1 (b = 0). Below 0 the rule
+    leans further towards the rare classes than training did (logit adjustment for the class
+    prior, one parameter): with weights (1/frequency)^e, c = 1 - 1/e decides from the model's
+    posterior divided by the class prior, the rule that maximises balanced accuracy;
   * ``correction+offsets``: that c, then b by coordinate ascent over a grid in [-2, 2].
 The offsets have one parameter per class and can fit the noise of a few hundred images, so
 they are kept only when they also win on cases they were not fitted on: the out-of-fold
@@ -36,11 +39,16 @@ import numpy as np
 
 from autoplan.errors import InputError
 from autoplan.jsonio import JsonDataclass
+from autoplan.planning.classification import CLASS_WEIGHT_EXPONENT
 from autoplan.runs import RunSpec
 
 CALIBRATION_FILE = "calibration.json"
 OBJECTIVES = ("mean", "balanced_accuracy", "accuracy")
-CORRECTION_GRID = np.round(np.linspace(0.0, 1.0, 11), 2)
+# Weights are (1/frequency)^e, so the model's posterior leans by prior^-e; c = 1 - 1/e removes the
+# prior altogether (the balanced rule). Fitted corrections sat at the old grid's lower end (0 and
+# 0.1 on HAM10000's out-of-fold images), so the grid goes down to there.
+CORRECTION_MIN = round(1.0 - 1.0 / CLASS_WEIGHT_EXPONENT, 2)
+CORRECTION_GRID = np.round(np.arange(CORRECTION_MIN, 1.0 + 1e-9, 0.1), 2)
 OFFSET_GRID = np.round(np.linspace(-2.0, 2.0, 41), 2)
 OFFSET_SWEEPS = 3
 CROSS_FIT_REPEATS = 5
@@ -104,9 +112,11 @@ def _score(y_true, scores, objective: str) -> float:
 
 
 def fit_correction(log_p, y_true, log_w, objective: str) -> float:
-    """The grid's posterior correction with the best objective (ties: the smallest)."""
-    values = [_score(y_true, decision_scores(log_p, log_w, c), objective) for c in CORRECTION_GRID]
-    return float(CORRECTION_GRID[int(np.argmax(values))])
+    """The grid's posterior correction with the best objective (ties: the nearest to 0, deciding
+    as trained)."""
+    grid = sorted(CORRECTION_GRID, key=lambda c: (abs(c), c))
+    values = [_score(y_true, decision_scores(log_p, log_w, c), objective) for c in grid]
+    return float(grid[int(np.argmax(values))])
 
 
 def fit_offsets(log_p, y_true, log_w, correction: float, objective: str) -> np.ndarray:

@@ -72,6 +72,22 @@ def test_the_correction_is_chosen_for_the_objective():
     assert for_accuracy.after["accuracy"] >= for_accuracy.before["accuracy"]
 
 
+def test_a_negative_correction_leans_further_than_training_did():
+    """A model with too little tilt for the weights it claims (scores that carry the whole class
+    prior, as if trained unweighted) under (1/frequency)^0.25 weights: balanced accuracy wants
+    more lean towards the rare classes than training gave, a correction below 0 (logit
+    adjustment for the prior), and further than accuracy wants."""
+    log_p, y = _biased_predictions(3000, shift=0.0, seed=2)
+    weights = np.array([0.7, 0.2, 0.1]) ** -0.25
+    groups = list(range(3000))
+    for_balance = choose_rule(log_p, y, _spec(3, weights / weights.mean()), groups, "balanced_accuracy")
+    for_accuracy = choose_rule(log_p, y, _spec(3, weights / weights.mean()), groups, "accuracy")
+    assert for_balance.posterior_correction < min(0.0, for_accuracy.posterior_correction)
+    # the prior-free rule (c = -3 for fourth-root weights) is within the grid and recovers the rare class
+    assert for_balance.after["recall"][2] > rule_metrics(y, log_p, 3)["recall"][2] + 0.2
+    assert for_balance.after["balanced_accuracy"] > rule_metrics(y, log_p, 3)["balanced_accuracy"] + 0.03
+
+
 def test_decision_probabilities_apply_correction_and_offsets():
     probabilities = np.array([[0.6, 0.3, 0.1]])
     imbalance = {"strategy": "weighted_loss", "class_weights": [0.5, 1.0, 2.0], "posterior_correction": 1.0,

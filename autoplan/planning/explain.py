@@ -58,7 +58,8 @@ def tradeoff_text(candidates: list[Candidate], chosen: Candidate, target: float,
         by_width.setdefault(base_width(c.configuration), []).append(c)
     for width, group in by_width.items():
         best = max(group, key=lambda c: c.epochs_seen)
-        lines.append(f"width {width}: at most {best.epochs_seen:.1f} epochs-eq "
+        # the patch is named: the most a width reaches is at its smallest patch, often not the chosen one
+        lines.append(f"width {width}: at most {best.epochs_seen:.1f} epochs-eq at {best.configuration.patch_size} "
                      f"({best.schedule.iterations} its x batch {best.configuration.batch_size})")
     return (f"CPU time budget: chose {unit} with {chosen.schedule.iterations} iterations, "
             f"{chosen.epochs_seen:.1f} epochs-equivalent of samples (target >= {MIN_ITERATIONS} "
