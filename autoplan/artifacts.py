@@ -68,6 +68,18 @@ class Configuration:
         return self.n_input_channels - self.n_previous_stage_channels
 
 
+# Imbalance strategies whose training leans a classifier's posterior towards rare classes by the
+# factors in ``imbalance["class_weights"]``: a weighted loss, or a logit-adjusted loss (which adds
+# -log of those factors to the logits). Decision rules take a share of that lean back.
+LEANING_STRATEGIES = ("weighted_loss", "logit_adjusted")
+
+
+def leaning_factors(imbalance: dict | None) -> list | None:
+    """The per-class factors training leaned the posterior by, or None (no such strategy)."""
+    imbalance = imbalance or {}
+    return imbalance.get("class_weights") if imbalance.get("strategy") in LEANING_STRATEGIES else None
+
+
 @dataclass
 class Plan(JsonDataclass):
     dataset: str

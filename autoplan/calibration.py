@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from autoplan.artifacts import leaning_factors
 from autoplan.errors import InputError
 from autoplan.jsonio import JsonDataclass
 from autoplan.planning.classification import CLASS_WEIGHT_EXPONENT
@@ -193,8 +194,7 @@ def run_folds(run_dir: Path) -> dict:
 
 
 def _training_log_weights(spec: RunSpec) -> np.ndarray:
-    imbalance = spec.configuration.imbalance or {}
-    weights = imbalance.get("class_weights") if imbalance.get("strategy") == "weighted_loss" else None
+    weights = leaning_factors(spec.configuration.imbalance)
     n_classes = len(spec.classes or [])
     return np.log(np.asarray(weights, dtype=np.float64)) if weights else np.zeros(n_classes)
 

@@ -162,20 +162,26 @@ class ClassificationLoss(nn.Module):
 
     ``class_weights`` weight CE and serve as focal's per-class alpha. ``bce`` (two
     classes only) uses the logit difference, with ``class_weights[1] / class_weights[0]``
-    as the positive-class weight.
+    as the positive-class weight. ``logit_adjustment`` (K,) is added to the logits before
+    the loss (logit-adjusted loss, Menon et al. 2021: ``tau * log prior`` makes the network's
+    own logits lean towards rare classes by ``prior ** -tau`` without weighting any gradient).
     """
 
     def __init__(self, name: str, class_weights=None, label_smoothing: float = 0.0,
-                 focal_gamma: float = 2.0):
+                 focal_gamma: float = 2.0, logit_adjustment=None):
         super().__init__()
         self.name = name
         self.label_smoothing = label_smoothing
         self.focal_gamma = focal_gamma
         weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         self.register_buffer("class_weights", weights)
+        adjustment = None if logit_adjustment is None else torch.as_tensor(logit_adjustment, dtype=torch.float32)
+        self.register_buffer("logit_adjustment", adjustment)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = target.long().view(-1)
+        if self.logit_adjustment is not None:
+            logits = logits + self.logit_adjustment.to(logits.dtype)
         if self.name == "bce":
             return self._bce(logits, target)
         ce = F.cross_entropy(logits, target, weight=self.class_weights,
@@ -196,7 +202,8 @@ class ClassificationLoss(nn.Module):
 
 
 def build_classification_loss(name: str, class_weights=None, label_smoothing: float = 0.0,
-                              focal_gamma: float = 2.0, n_classes: int | None = None) -> nn.Module:
+                              focal_gamma: float = 2.0, n_classes: int | None = None,
+                              logit_adjustment=None) -> nn.Module:
     """Loss ``name`` for a classifier; ``n_classes`` (optional) checks 'bce' up front."""
     if name not in CLASSIFICATION_LOSSES:
         raise InputError(None, f"unknown classification loss {name!r}; use one of {', '.join(CLASSIFICATION_LOSSES)}")
@@ -205,4 +212,4 @@ def build_classification_loss(name: str, class_weights=None, label_smoothing: fl
                                "use ce, focal or ce_focal")
     if class_weights is not None and n_classes is not None and len(class_weights) != n_classes:
         raise ValueError(f"{len(class_weights)} class weights for {n_classes} classes")
-    return ClassificationLoss(name, class_weights, label_smoothing, focal_gamma)
+    return ClassificationLoss(name, class_weights, label_smoothing, focal_gamma, logit_adjustment)

@@ -6,6 +6,7 @@ planner measured is what training does: autocast, the configuration's loss with 
 supervision, backward with gradient scaling, the clip and the optimiser's step.
 """
 
+import numpy as np
 import torch
 
 from autoplan.artifacts import Configuration
@@ -47,7 +48,11 @@ def build_loss(configuration: Configuration, loss_name: str | None = None, label
     if configuration.is_classifier:
         imbalance = configuration.imbalance or {}
         weights = imbalance.get("class_weights") if imbalance.get("strategy") == "weighted_loss" else None
-        return build_classification_loss(name, class_weights=weights, label_smoothing=label_smoothing)
+        # a logit-adjusted loss leans by the same kind of factors, through the logits instead
+        adjustment = (-np.log(np.asarray(imbalance["class_weights"], dtype=np.float64))
+                      if imbalance.get("strategy") == "logit_adjusted" else None)
+        return build_classification_loss(name, class_weights=weights, label_smoothing=label_smoothing,
+                                         logit_adjustment=adjustment)
     weights = None
     if deep_supervision:
         weights = deep_supervision_weights(len(deep_supervision_scales(configuration.network["strides"])))

@@ -94,6 +94,9 @@ def test_decision_probabilities_apply_correction_and_offsets():
                  "class_log_offsets": [0.0, 0.0, np.log(4.0)]}
     expected = probabilities * np.array([2.0, 1.0, 0.5]) * np.array([1.0, 1.0, 4.0])
     np.testing.assert_allclose(decision_probabilities(probabilities, imbalance), expected / expected.sum())
+    # a logit-adjusted loss leans by its factors the same way, and the correction takes it back
+    adjusted = dict(imbalance, strategy="logit_adjusted")
+    np.testing.assert_allclose(decision_probabilities(probabilities, adjusted), expected / expected.sum())
     # without a weighted loss the correction does nothing, the offsets still apply
     plain = decision_probabilities(probabilities, {"strategy": "none", "class_log_offsets": [0.0, np.log(2), 0.0]})
     np.testing.assert_allclose(plain, [[0.6 / 1.3, 0.6 / 1.3, 0.1 / 1.3]])

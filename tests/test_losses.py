@@ -170,6 +170,24 @@ def test_classification_ce_options_and_ce_focal():
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
 
+def test_logit_adjusted_loss_learns_the_balanced_posterior():
+    """Adding log prior to the logits in the loss: the minimiser's own logits are the log
+    posterior minus the log prior, so a constant-logit model on a 80/20 label stream ends
+    with equal logits (the balanced posterior), where plain CE learns the prior."""
+    target = torch.tensor([0] * 80 + [1] * 20)
+    prior = torch.tensor([0.8, 0.2])
+    for adjustment, expected in ((None, prior.log() - prior.log().mean()), (prior.log(), torch.zeros(2))):
+        logits = torch.zeros(2, requires_grad=True)
+        loss_fn = build_classification_loss("ce", logit_adjustment=adjustment)
+        optimiser = torch.optim.SGD([logits], lr=2.0)
+        for _ in range(300):
+            optimiser.zero_grad()
+            loss_fn(logits.expand(100, 2), target).backward()
+            optimiser.step()
+        centred = logits.detach() - logits.detach().mean()
+        assert torch.allclose(centred, expected, atol=1e-3)
+
+
 def test_classification_bce_and_bad_names():
     logits = torch.randn(10, 2)
     target = torch.randint(0, 2, (10,))

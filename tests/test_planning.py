@@ -229,6 +229,17 @@ def test_classifier_sizes_keep_aspect_and_never_upsample():
     assert balanced["strategy"] == "none" and "posterior_correction" not in balanced
 
 
+def test_logit_adjusted_imbalance_leans_by_the_inverse_prior(monkeypatch):
+    from autoplan.planning import classification
+    monkeypatch.setattr(classification, "IMBALANCE_STRATEGY", "logit_adjusted")
+    plan = imbalance_handling(["a", "b", "c"], {"a": 700, "b": 200, "c": 100})
+    leaning = np.asarray(plan["class_weights"])
+    assert plan["strategy"] == "logit_adjusted"
+    np.testing.assert_allclose(leaning / leaning[0], [1.0, 3.5, 7.0], rtol=1e-3)   # frequency ** -1
+    # the default decision keeps the weighted loss's residual lean: frequency ** -0.125
+    assert (1 - plan["posterior_correction"]) * classification.LOGIT_ADJUSTMENT_TAU == pytest.approx(0.125)
+
+
 def test_cpu_classifier_with_budget_is_resnet18():
     plan = plan_dataset("TaskDerm", ham_fingerprint(), device="cpu", time_budget_minutes=30, probe=False)
     config = plan.configurations["classifier"]

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from autoplan import preprocessing
+from autoplan.artifacts import leaning_factors
 from autoplan.inference.models import predicting
 from autoplan.nets.gradcam import grad_cam
 
@@ -31,7 +32,7 @@ def classify_batch(network, batch, tta: bool = True, device="cpu") -> np.ndarray
 
 def decision_probabilities(probabilities, imbalance: dict | None) -> np.ndarray:
     """The probabilities predictions are taken from: ``(N, K)`` model probabilities times
-    ``class_weights ** -posterior_correction`` (only for a weighted loss) times
+    ``class_weights ** -posterior_correction`` (only for a weighted or logit-adjusted loss) times
     ``exp(class_log_offsets)``, renormalised: the plan's decision rule (the planner's default
     correction, ``planning.POSTERIOR_CORRECTION``, or what ``autoplan calibrate`` chose on
     out-of-fold predictions). Unchanged when the plan has neither."""
@@ -39,8 +40,9 @@ def decision_probabilities(probabilities, imbalance: dict | None) -> np.ndarray:
     imbalance = imbalance or {}
     factors = np.ones(probabilities.shape[-1])
     correction = float(imbalance.get("posterior_correction", 0.0))
-    if correction and imbalance.get("strategy") == "weighted_loss":
-        factors *= np.asarray(imbalance["class_weights"], dtype=np.float64) ** -correction
+    leaning = leaning_factors(imbalance)
+    if correction and leaning is not None:
+        factors *= np.asarray(leaning, dtype=np.float64) ** -correction
     if imbalance.get("class_log_offsets"):
         factors *= np.exp(np.asarray(imbalance["class_log_offsets"], dtype=np.float64))
     if np.all(factors == 1.0):

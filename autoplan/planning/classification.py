@@ -73,6 +73,13 @@ CLASS_WEIGHT_EXPONENT = 0.25
 # same validation fold; the first fresh run with it gave 0.777 / 0.601 (0.763 / 0.610 without).
 # It is the plan's default: `autoplan calibrate` chooses a run's rule on out-of-fold predictions.
 POSTERIOR_CORRECTION = 0.5
+# The other strategy for imbalance: a logit-adjusted loss (Menon et al. 2021): the loss adds
+# tau * log(frequency) to the logits, so the network's own posterior leans by frequency^-tau
+# (tau = 1: the balanced posterior) and no image's gradient is weighted. Its default decision keeps
+# the same residual lean as the weighted loss's default (frequency^-0.125).
+IMBALANCE_STRATEGY = "weighted_loss"     # or "logit_adjusted"
+LOGIT_ADJUSTMENT_TAU = 1.0
+LOGIT_ADJUSTED_CORRECTION = round(1 - CLASS_WEIGHT_EXPONENT * (1 - POSTERIOR_CORRECTION) / LOGIT_ADJUSTMENT_TAU, 4)
 
 
 def imbalance_handling(classes: list, counts: dict) -> dict:
@@ -91,6 +98,8 @@ def imbalance_handling(classes: list, counts: dict) -> dict:
                 "imbalance_ratio": round(ratio, 2),
                 "reason": f"largest/smallest class = {ratio:.1f} <= 3: plain cross-entropy"}
     frequency = np.maximum(values, 1.0) / max(values.sum(), 1.0)
+    if IMBALANCE_STRATEGY == "logit_adjusted":
+        return _logit_adjusted(classes, frequency, ratio)
     weights = frequency ** -CLASS_WEIGHT_EXPONENT
     weights = weights / weights.mean()
     return {"strategy": "weighted_loss", "class_weights": [round(float(w), 4) for w in weights],
@@ -104,6 +113,18 @@ def imbalance_handling(classes: list, counts: dict) -> dict:
                        f"predictions take back {POSTERIOR_CORRECTION:g} of the weights' tilt "
                        f"(probabilities x weight^-{POSTERIOR_CORRECTION:g}, renormalised; a default: "
                        f"`autoplan calibrate` chooses it on out-of-fold predictions)")}
+
+
+def _logit_adjusted(classes: list, frequency, ratio: float) -> dict:
+    leaning = frequency ** -LOGIT_ADJUSTMENT_TAU
+    leaning = leaning / np.exp(np.log(leaning).mean())     # geometric mean 1: offsets centred on 0
+    return {"strategy": "logit_adjusted", "class_weights": [round(float(w), 4) for w in leaning],
+            "classes": classes, "imbalance_ratio": round(ratio, 2),
+            "posterior_correction": LOGIT_ADJUSTED_CORRECTION,
+            "reason": (f"largest/smallest class = {ratio:.1f} > 3: logit-adjusted cross-entropy (the loss adds "
+                       f"{LOGIT_ADJUSTMENT_TAU:g} x log class frequency to the logits; no image is weighted), "
+                       f"so the network leans towards rare classes by frequency^-{LOGIT_ADJUSTMENT_TAU:g} "
+                       f"(class_weights); predictions take back {LOGIT_ADJUSTED_CORRECTION:g} of that lean")}
 
 
 def epoch_validation_iterations(class_counts: dict, n_val: int, batch: int) -> int:
