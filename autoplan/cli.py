@@ -75,6 +75,9 @@ def _add_model_options(parser):
     parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=None, help="default: the plan's")
     parser.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the plan's)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the plan's")
+    parser.add_argument("--imbalance", choices=["weighted_loss", "logit_adjusted"], default=None,
+                        help="classification, imbalanced classes: class-weighted loss (the plan's default) or "
+                             "logit-adjusted loss (docs/training.md)")
 
 
 def _add_run_options(parser):

@@ -19,7 +19,7 @@ from autoplan.runs import TrainOptions
 # Options `autoplan sweep` takes as comma-separated lists, and the type of one value. The names
 # are TrainOptions fields; the CLI derives its sweep flags from this table.
 SWEEPABLE = {"loss": str, "dropout": float, "base_features": int, "norm": str, "augment": str,
-             "optimizer": str, "lr": float, "batch_size": int, "label_smoothing": float}
+             "optimizer": str, "lr": float, "batch_size": int, "label_smoothing": float, "imbalance": str}
 
 
 def open_dataset(name: str, folders: Folders) -> Dataset:

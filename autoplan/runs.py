@@ -30,6 +30,7 @@ class TrainOptions:
     optimizer: str | None = None         # 'sgd' | 'adam' | 'adamw'
     lr: float | None = None
     batch_size: int | None = None
+    imbalance: str | None = None         # classifier: 'weighted_loss' | 'logit_adjusted'; None: the plan's
     pretrained: str | None = None
     init_from: str | None = None         # a run (or fold, or model .zip) whose weights training starts from
     epochs: int | None = None

@@ -28,6 +28,7 @@ from autoplan.parallel import progress_enabled
 from autoplan.paths import Folders
 from autoplan.nets import autocast, memory_format, resolve_precision
 from autoplan.artifacts import Configuration, Plan
+from autoplan.planning.classification import imbalance_with_strategy
 from autoplan.planning.schedule import epochs_fill_budget, final_validation_seconds, training_seconds
 from autoplan.planning.topology import MAX_FEATURES
 from autoplan.qc import qc_reference
@@ -89,6 +90,8 @@ def effective_configuration(configuration: Configuration, options: TrainOptions)
         value = getattr(options, field_name)
         if value is not None:
             changes[field_name] = value
+    if options.imbalance and configuration.is_classifier:
+        changes["imbalance"] = imbalance_with_strategy(configuration.imbalance or {}, options.imbalance)
     if options.lr is not None:
         changes["lr"] = options.lr
     elif options.optimizer and options.optimizer != configuration.optimizer:
@@ -107,6 +110,8 @@ def run_name(options: TrainOptions, configuration: Configuration, norm: str) -> 
     parts += [f"do{options.dropout:g}", configuration.augment]
     if options.label_smoothing:
         parts.append(f"ls{options.label_smoothing:g}")
+    if options.imbalance:
+        parts.append(options.imbalance)
     if options.optimizer:
         parts.append(configuration.optimizer)
     if options.lr is not None:

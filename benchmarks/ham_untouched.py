@@ -56,14 +56,27 @@ def _plan_summary(run_dir: Path) -> str:
     spec = json.loads((run_dir / "fold_0" / "plan.json").read_text())
     run = json.loads((run_dir / "fold_0" / "run.json").read_text())
     size = "x".join(map(str, spec["configuration"]["patch_size"]))
-    return f"{spec['options'].get('loss') or spec['configuration']['loss']}, {size}, {run['epochs_completed']} ep"
+    strategy = (spec["configuration"].get("imbalance") or {}).get("strategy", "none")
+    leaning = {"weighted_loss": "", "logit_adjusted": " logit-adjusted"}.get(strategy, f" {strategy}")
+    loss = spec['options'].get('loss') or spec['configuration']['loss']
+    return f"{loss}{leaning}, {size}, {run['epochs_completed']} ep"
+
+
+def _default_rule(run_dir: Path) -> str:
+    """The planner's default rule for the run's strategy (calibrate rewrites plan.json's)."""
+    from autoplan.planning.classification import LOGIT_ADJUSTED_CORRECTION, POSTERIOR_CORRECTION
+
+    spec = json.loads((run_dir / "fold_0" / "plan.json").read_text())
+    strategy = (spec["configuration"].get("imbalance") or {}).get("strategy")
+    correction = LOGIT_ADJUSTED_CORRECTION if strategy == "logit_adjusted" else POSTERIOR_CORRECTION
+    return f"plan default (correction {correction:g})"
 
 
 def score_run(run: str) -> list:
     run_dir = WORK / "results" / NAME / "classifier" / run
     loss = _plan_summary(run_dir)
     fold0 = json.loads((run_dir / "fold_0" / "metrics.json").read_text())
-    rule = "plan default (correction 0.5)"
+    rule = _default_rule(run_dir)
     test_before = _evaluate(run_dir / "fold_0", run_dir / "test_default_rule")
     if not (run_dir / "calibration.json").is_file():
         autoplan("calibrate", NAME, "--run", run, *folders_args())
@@ -73,7 +86,9 @@ def score_run(run: str) -> list:
     fold0_after = {"accuracy": calibration["after"]["accuracy"],
                    "balanced_accuracy": calibration["after"]["balanced_accuracy"],
                    "recall_mel": calibration["after"]["recall"][classes.index("mel")]}
-    chosen = f"calibrated ({calibration['rule']}, c={calibration['posterior_correction']:g})"
+    cross_fitted = calibration["cross_fitted"][calibration["rule"]]
+    chosen = (f"calibrated ({calibration['rule']}, c={calibration['posterior_correction']:g}; "
+              f"cross-fitted {calibration['objective']} {cross_fitted:.3f})")
     return [_row(loss, "fold 0 validation", rule, fold0), _row(loss, "untouched test", rule, test_before),
             _row(loss, "fold 0 validation (rule fitted here)", chosen, fold0_after),
             _row(loss, "untouched test", chosen, test_after)]

@@ -240,6 +240,22 @@ def test_logit_adjusted_imbalance_leans_by_the_inverse_prior(monkeypatch):
     assert (1 - plan["posterior_correction"]) * classification.LOGIT_ADJUSTMENT_TAU == pytest.approx(0.125)
 
 
+def test_train_imbalance_option_switches_the_planned_strategy():
+    from dataclasses import replace
+    from autoplan.runs import TrainOptions
+    from autoplan.training import effective_configuration
+
+    config = plan_dataset("TaskDerm", ham_fingerprint(), device="cpu", time_budget_minutes=30,
+                          probe=False).configurations["classifier"]
+    assert config.imbalance["strategy"] == "weighted_loss"
+    switched = effective_configuration(config, TrainOptions(imbalance="logit_adjusted")).imbalance
+    assert switched["strategy"] == "logit_adjusted" and switched["class_counts"] == config.imbalance["class_counts"]
+    assert effective_configuration(config, TrainOptions()).imbalance == config.imbalance
+    older = replace(config, imbalance={k: v for k, v in config.imbalance.items() if k != "class_counts"})
+    with pytest.raises(InputError, match="autoplan plan. again"):
+        effective_configuration(older, TrainOptions(imbalance="logit_adjusted"))
+
+
 def test_cpu_classifier_with_budget_is_resnet18():
     plan = plan_dataset("TaskDerm", ham_fingerprint(), device="cpu", time_budget_minutes=30, probe=False)
     config = plan.configurations["classifier"]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from autoplan.artifacts import Configuration
+from autoplan.errors import InputError
 from autoplan.planning.cost import CLASSIFIER_ARCHS, estimate_training_memory_gb, planned_memory_gb, ram_limit_gb
 from autoplan.planning.explain import (cpu_memory_reason, precision_reason, schedule_reason, speed_reason,
                                            tradeoff_text)
@@ -82,8 +83,10 @@ LOGIT_ADJUSTMENT_TAU = 1.0
 LOGIT_ADJUSTED_CORRECTION = round(1 - CLASS_WEIGHT_EXPONENT * (1 - POSTERIOR_CORRECTION) / LOGIT_ADJUSTMENT_TAU, 4)
 
 
-def imbalance_handling(classes: list, counts: dict) -> dict:
-    """ratio > 3: cross-entropy weighted by 1/frequency**0.25 (mean weight 1); else nothing.
+def imbalance_handling(classes: list, counts: dict, strategy: str | None = None) -> dict:
+    """ratio > 3: cross-entropy weighted by 1/frequency**0.25 (mean weight 1), or with
+    ``strategy`` 'logit_adjusted' the logit-adjusted loss; else nothing. The class counts are
+    kept in the result so ``train --imbalance`` can switch strategy without planning again.
 
     Mild weights correct part of the bias towards the majority class without giving up
     much accuracy, and without letting a class of a hundred images dominate the gradient
@@ -91,18 +94,21 @@ def imbalance_handling(classes: list, counts: dict) -> dict:
     tens of times more often and overfit).
     """
     values = np.array([float(counts.get(c, 0)) for c in classes])
+    kept_counts = {c: int(counts.get(c, 0)) for c in classes}
     present = values[values > 0]
     ratio = float(present.max() / present.min()) if len(present) else 1.0
     if ratio <= 3:
-        return {"strategy": "none", "class_weights": [1.0] * len(classes), "classes": classes,
+        return {"strategy": "none", "class_counts": kept_counts, "class_weights": [1.0] * len(classes),
+                "classes": classes,
                 "imbalance_ratio": round(ratio, 2),
                 "reason": f"largest/smallest class = {ratio:.1f} <= 3: plain cross-entropy"}
     frequency = np.maximum(values, 1.0) / max(values.sum(), 1.0)
-    if IMBALANCE_STRATEGY == "logit_adjusted":
-        return _logit_adjusted(classes, frequency, ratio)
+    if (strategy or IMBALANCE_STRATEGY) == "logit_adjusted":
+        return _logit_adjusted(classes, frequency, ratio) | {"class_counts": kept_counts}
     weights = frequency ** -CLASS_WEIGHT_EXPONENT
     weights = weights / weights.mean()
     return {"strategy": "weighted_loss", "class_weights": [round(float(w), 4) for w in weights],
+            "class_counts": kept_counts,
             "classes": classes, "imbalance_ratio": round(ratio, 2),
             "posterior_correction": POSTERIOR_CORRECTION,
             "reason": (f"largest/smallest class = {ratio:.1f} > 3: cross-entropy weighted by (1/class "
@@ -125,6 +131,16 @@ def _logit_adjusted(classes: list, frequency, ratio: float) -> dict:
                        f"{LOGIT_ADJUSTMENT_TAU:g} x log class frequency to the logits; no image is weighted), "
                        f"so the network leans towards rare classes by frequency^-{LOGIT_ADJUSTMENT_TAU:g} "
                        f"(class_weights); predictions take back {LOGIT_ADJUSTED_CORRECTION:g} of that lean")}
+
+
+def imbalance_with_strategy(imbalance: dict, strategy: str) -> dict:
+    """A planned imbalance handling redone with another strategy (``train --imbalance``)."""
+    if imbalance.get("strategy", "none") in ("none", strategy):
+        return imbalance
+    if not imbalance.get("class_counts"):
+        raise InputError(None, f"--imbalance {strategy}: this plan predates the option (no class counts "
+                               "in it); run `autoplan plan` again")
+    return imbalance_handling(imbalance["classes"], imbalance["class_counts"], strategy)
 
 
 def epoch_validation_iterations(class_counts: dict, n_val: int, batch: int) -> int:
