@@ -43,12 +43,13 @@ def _evaluate(model: Path, output: Path) -> dict:
     return json.loads((output / "metrics.json").read_text())
 
 
-def train(loss: str, minutes: float) -> str:
+def train(loss: str, minutes: float, imbalance: str | None) -> str:
     """The run folder's name; trains it unless it is there already."""
-    run = f"untouched-{minutes:g}min-{loss}"
+    run = f"untouched-{minutes:g}min-{loss}" + (f"-{imbalance}" if imbalance else "")
     if not (WORK / "results" / NAME / "classifier" / run / "fold_0" / "metrics.json").is_file():
         autoplan("plan-and-train", NAME, "--time-budget", minutes, "--device", "cpu", "--fold", "0",
-                 "--loss", loss, "--run-name", run, "--overwrite", *folders_args())
+                 "--loss", loss, *(["--imbalance", imbalance] if imbalance else []), "--run-name", run,
+                 "--overwrite", *folders_args())
     return run
 
 
@@ -98,12 +99,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--loss", default="ce,ce_focal")
     parser.add_argument("--time-budget", type=float, default=30.0)
+    parser.add_argument("--imbalance", default=None, choices=["weighted_loss", "logit_adjusted"],
+                        help="train --imbalance (default: the plan's)")
     parser.add_argument("--runs", default="", help="score these existing run folders instead of training per loss")
     args = parser.parse_args()
     ensure_imported(NAME)
     if not (WORK / "results" / NAME / "test_split.json").is_file():
         autoplan("split", NAME, "--test-fraction", 0.15, "--raw", WORK / "raw", "--results", WORK / "results")
-    runs = args.runs.split(",") if args.runs else [train(loss, args.time_budget) for loss in args.loss.split(",")]
+    runs = args.runs.split(",") if args.runs else [train(loss, args.time_budget, args.imbalance)
+                                                          for loss in args.loss.split(",")]
     rows = [row for run in runs for row in score_run(run)]
     print(f"\nHAM10000, {args.time_budget:g} min from scratch on the CPU, fold 0 vs the untouched test split\n")
     print(markdown_table(["run (loss, input, epochs)", "images", "decision rule", "accuracy", "balanced accuracy", "melanoma recall"],
