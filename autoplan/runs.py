@@ -46,6 +46,38 @@ class TrainOptions:
     precision: str | None = None         # 'fp32' | 'bf16' | 'fp16' autocast; None: the plan's
 
 
+def run_name(options: TrainOptions, configuration: Configuration, norm: str) -> str:
+    """A readable name from the options that shape a result, e.g. ``dice_ce-instance-f32-do0-default``."""
+    if options.run_name:
+        return options.run_name
+    if configuration.is_classifier:
+        parts = [configuration.loss, configuration.network["arch"], f"w{configuration.network.get('width', 64)}"]
+    else:
+        parts = [configuration.loss, norm, f"f{configuration.network['features_per_stage'][0]}"]
+    parts += [f"do{options.dropout:g}", configuration.augment]
+    if options.label_smoothing:
+        parts.append(f"ls{options.label_smoothing:g}")
+    if options.imbalance:
+        parts.append(options.imbalance)
+    if options.optimizer:
+        parts.append(configuration.optimizer)
+    if options.lr is not None:
+        parts.append(f"lr{options.lr:g}")
+    if options.batch_size:
+        parts.append(f"bs{options.batch_size}")
+    if options.epochs:
+        parts.append(f"ep{options.epochs}")
+    if options.pretrained:
+        parts.append("pretrained")
+    if options.init_from:
+        parts.append("init")
+    if options.seed:
+        parts.append(f"seed{options.seed}")
+    if options.precision:
+        parts.append(options.precision)
+    return "-".join(str(p) for p in parts)
+
+
 @dataclass
 class RunSpec(JsonDataclass):
     """plan.json of a run folder: the configuration actually trained and how."""

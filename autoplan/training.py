@@ -33,7 +33,7 @@ from autoplan.planning.schedule import epochs_fill_budget, final_validation_seco
 from autoplan.planning.topology import MAX_FEATURES
 from autoplan.qc import qc_reference
 from autoplan.recipe import TrainStep, build_optimizer
-from autoplan.runs import RunSpec, TrainOptions, load_checkpoint
+from autoplan.runs import RunSpec, TrainOptions, load_checkpoint, run_name
 from autoplan.splits import load_or_create_splits
 from autoplan.tasks import make_task
 
@@ -97,38 +97,6 @@ def effective_configuration(configuration: Configuration, options: TrainOptions)
     elif options.optimizer and options.optimizer != configuration.optimizer:
         changes["lr"] = 1e-2 if options.optimizer == "sgd" else 1e-3
     return replace(configuration, **changes)
-
-
-def run_name(options: TrainOptions, configuration: Configuration, norm: str) -> str:
-    """A readable name from the options that shape a result, e.g. ``dice_ce-instance-f32-do0-default``."""
-    if options.run_name:
-        return options.run_name
-    if configuration.is_classifier:
-        parts = [configuration.loss, configuration.network["arch"], f"w{configuration.network.get('width', 64)}"]
-    else:
-        parts = [configuration.loss, norm, f"f{configuration.network['features_per_stage'][0]}"]
-    parts += [f"do{options.dropout:g}", configuration.augment]
-    if options.label_smoothing:
-        parts.append(f"ls{options.label_smoothing:g}")
-    if options.imbalance:
-        parts.append(options.imbalance)
-    if options.optimizer:
-        parts.append(configuration.optimizer)
-    if options.lr is not None:
-        parts.append(f"lr{options.lr:g}")
-    if options.batch_size:
-        parts.append(f"bs{options.batch_size}")
-    if options.epochs:
-        parts.append(f"ep{options.epochs}")
-    if options.pretrained:
-        parts.append("pretrained")
-    if options.init_from:
-        parts.append("init")
-    if options.seed:
-        parts.append(f"seed{options.seed}")
-    if options.precision:
-        parts.append(options.precision)
-    return "-".join(str(p) for p in parts)
 
 
 # --------------------------------------------------------------------------------------
