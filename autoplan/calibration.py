@@ -53,8 +53,8 @@ OBJECTIVES = ("mean", "balanced_accuracy", "accuracy")
 # but lost on the mean objective (-0.012, -0.003), where the halves fitted leans that did not
 # hold. So only the balanced-accuracy objective searches below 0.
 CORRECTION_MIN = round(1.0 - 1.0 / CLASS_WEIGHT_EXPONENT, 2)
-CORRECTION_GRIDS = {"mean": np.round(np.linspace(0.0, 1.0, 11), 2),
-                    "accuracy": np.round(np.linspace(0.0, 1.0, 11), 2),
+_AS_TRAINED_TO_UNWEIGHTED = np.round(np.linspace(0.0, 1.0, 11), 2)
+CORRECTION_GRIDS = {"mean": _AS_TRAINED_TO_UNWEIGHTED, "accuracy": _AS_TRAINED_TO_UNWEIGHTED,
                     "balanced_accuracy": np.round(np.arange(CORRECTION_MIN, 1.0 + 1e-9, 0.1), 2)}
 OFFSET_GRID = np.round(np.linspace(-2.0, 2.0, 41), 2)
 OFFSET_SWEEPS = 3

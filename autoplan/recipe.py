@@ -9,7 +9,7 @@ supervision, backward with gradient scaling, the clip and the optimiser's step.
 import numpy as np
 import torch
 
-from autoplan.artifacts import Configuration
+from autoplan.artifacts import Configuration, leaning_factors
 from autoplan.nets import autocast
 
 GRAD_CLIP = 12.0        # gradient-norm clip of every training step (nnU-Net's)
@@ -46,11 +46,10 @@ def build_loss(configuration: Configuration, loss_name: str | None = None, label
 
     name = loss_name or configuration.loss
     if configuration.is_classifier:
-        imbalance = configuration.imbalance or {}
-        weights = imbalance.get("class_weights") if imbalance.get("strategy") == "weighted_loss" else None
-        # a logit-adjusted loss leans by the same kind of factors, through the logits instead
-        adjustment = (-np.log(np.asarray(imbalance["class_weights"], dtype=np.float64))
-                      if imbalance.get("strategy") == "logit_adjusted" else None)
+        leaning, strategy = leaning_factors(configuration.imbalance), (configuration.imbalance or {}).get("strategy")
+        # a weighted loss leans by weighting each image; a logit-adjusted one by shifting the logits
+        weights = leaning if strategy == "weighted_loss" else None
+        adjustment = -np.log(np.asarray(leaning, dtype=np.float64)) if strategy == "logit_adjusted" else None
         return build_classification_loss(name, class_weights=weights, label_smoothing=label_smoothing,
                                          logit_adjustment=adjustment)
     weights = None

@@ -25,8 +25,7 @@ from autoplan.paths import resolve_folders, splits_file  # noqa: E402
 from autoplan.runs import RunSpec  # noqa: E402
 
 NAME = "TaskDerm"
-GRIDS = {"0..1": np.round(np.linspace(0.0, 1.0, 11), 2),
-         "-3..1": calibration.CORRECTION_GRIDS["balanced_accuracy"]}
+GRIDS = {"0..1": calibration.CORRECTION_GRIDS["mean"], "-3..1": calibration.CORRECTION_GRIDS["balanced_accuracy"]}
 
 
 def cross_fitted(log_p, y, log_w, groups, objective, grid) -> tuple:

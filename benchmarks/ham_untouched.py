@@ -65,12 +65,11 @@ def _plan_summary(run_dir: Path) -> str:
 
 def _default_rule(run_dir: Path) -> str:
     """The planner's default rule for the run's strategy (calibrate rewrites plan.json's)."""
-    from autoplan.planning.classification import LOGIT_ADJUSTED_CORRECTION, POSTERIOR_CORRECTION
+    from autoplan.planning.classification import DEFAULT_CORRECTIONS
 
     spec = json.loads((run_dir / "fold_0" / "plan.json").read_text())
     strategy = (spec["configuration"].get("imbalance") or {}).get("strategy")
-    correction = LOGIT_ADJUSTED_CORRECTION if strategy == "logit_adjusted" else POSTERIOR_CORRECTION
-    return f"plan default (correction {correction:g})"
+    return f"plan default (correction {DEFAULT_CORRECTIONS.get(strategy, 0):g})"
 
 
 def score_run(run: str) -> list:

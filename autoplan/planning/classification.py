@@ -81,6 +81,7 @@ POSTERIOR_CORRECTION = 0.5
 IMBALANCE_STRATEGY = "weighted_loss"     # or "logit_adjusted"
 LOGIT_ADJUSTMENT_TAU = 1.0
 LOGIT_ADJUSTED_CORRECTION = round(1 - CLASS_WEIGHT_EXPONENT * (1 - POSTERIOR_CORRECTION) / LOGIT_ADJUSTMENT_TAU, 4)
+DEFAULT_CORRECTIONS = {"weighted_loss": POSTERIOR_CORRECTION, "logit_adjusted": LOGIT_ADJUSTED_CORRECTION}
 
 
 def imbalance_handling(classes: list, counts: dict, strategy: str | None = None) -> dict:
@@ -94,22 +95,20 @@ def imbalance_handling(classes: list, counts: dict, strategy: str | None = None)
     tens of times more often and overfit).
     """
     values = np.array([float(counts.get(c, 0)) for c in classes])
-    kept_counts = {c: int(counts.get(c, 0)) for c in classes}
     present = values[values > 0]
     ratio = float(present.max() / present.min()) if len(present) else 1.0
+    shared = {"classes": classes, "imbalance_ratio": round(ratio, 2),
+              "class_counts": {c: int(counts.get(c, 0)) for c in classes}}
     if ratio <= 3:
-        return {"strategy": "none", "class_counts": kept_counts, "class_weights": [1.0] * len(classes),
-                "classes": classes,
-                "imbalance_ratio": round(ratio, 2),
-                "reason": f"largest/smallest class = {ratio:.1f} <= 3: plain cross-entropy"}
+        return shared | {"strategy": "none", "class_weights": [1.0] * len(classes),
+                         "reason": f"largest/smallest class = {ratio:.1f} <= 3: plain cross-entropy"}
     frequency = np.maximum(values, 1.0) / max(values.sum(), 1.0)
     if (strategy or IMBALANCE_STRATEGY) == "logit_adjusted":
-        return _logit_adjusted(classes, frequency, ratio) | {"class_counts": kept_counts}
+        return shared | _logit_adjusted(frequency, ratio)
     weights = frequency ** -CLASS_WEIGHT_EXPONENT
     weights = weights / weights.mean()
-    return {"strategy": "weighted_loss", "class_weights": [round(float(w), 4) for w in weights],
-            "class_counts": kept_counts,
-            "classes": classes, "imbalance_ratio": round(ratio, 2),
+    return shared | {
+            "strategy": "weighted_loss", "class_weights": [round(float(w), 4) for w in weights],
             "posterior_correction": POSTERIOR_CORRECTION,
             "reason": (f"largest/smallest class = {ratio:.1f} > 3: cross-entropy weighted by (1/class "
                        f"frequency)^{CLASS_WEIGHT_EXPONENT:g}, normalised to mean 1 (rarest/commonest "
@@ -121,11 +120,10 @@ def imbalance_handling(classes: list, counts: dict, strategy: str | None = None)
                        f"`autoplan calibrate` chooses it on out-of-fold predictions)")}
 
 
-def _logit_adjusted(classes: list, frequency, ratio: float) -> dict:
+def _logit_adjusted(frequency, ratio: float) -> dict:
     leaning = frequency ** -LOGIT_ADJUSTMENT_TAU
     leaning = leaning / np.exp(np.log(leaning).mean())     # geometric mean 1: offsets centred on 0
     return {"strategy": "logit_adjusted", "class_weights": [round(float(w), 4) for w in leaning],
-            "classes": classes, "imbalance_ratio": round(ratio, 2),
             "posterior_correction": LOGIT_ADJUSTED_CORRECTION,
             "reason": (f"largest/smallest class = {ratio:.1f} > 3: logit-adjusted cross-entropy (the loss adds "
                        f"{LOGIT_ADJUSTMENT_TAU:g} x log class frequency to the logits; no image is weighted), "
