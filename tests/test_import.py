@@ -459,19 +459,15 @@ def test_dicom_studies_become_nifti_cases(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_full_real_datasets_import_times(tmp_path):
-    """Full HAM10000 (classification), hippocampus and JSRT; prints the times.
+def test_full_real_datasets_import_times(ham10000_imported, tmp_path):
+    """Full HAM10000 (classification; the session's import), hippocampus and JSRT; prints the times.
 
     HAM10000's time is compared with decoding its images in this same run (a ratio, not seconds,
     so a loaded machine slows both): import reads each image once and links the JPEGs."""
     ham, hippocampus, jsrt = (shared_dataset(n) for n in ("ham10000", "hippocampus", "jsrt_lungs"))
     n_jobs = min(2, os.cpu_count() or 1)
-    timings = {}
-    start = time.perf_counter()
-    derm = import_dataset("TaskDerm", ham / "images", tmp_path, labels_csv=ham / "HAM10000_metadata.csv",
-                          id_column="image_id", label_column="dx", group_column="lesion_id",
-                          n_jobs=n_jobs, quiet=True)
-    timings["ham10000"] = time.perf_counter() - start
+    derm = ham10000_imported["dataset"]
+    timings = {"ham10000": ham10000_imported["seconds"]}
     assert len(derm.cases) == 8526 and len(derm.classes) == 7
     assert len({c.group for c in derm.cases}) < 8526        # lesions with several images
     first = derm.cases[0]

@@ -29,8 +29,9 @@ def _as_json(plans: dict) -> dict:
     return json.loads(json.dumps(plans, sort_keys=True))
 
 
-def _real_dataset(name: str, tmp_path: Path):
-    """Import and fingerprint one shared dataset as the recorded plans were made."""
+def _real_dataset(name: str, tmp_path: Path, imported=None):
+    """Import (unless given ``imported``) and fingerprint one shared dataset as the recorded
+    plans were made."""
     from autoplan.datasets import import_dataset
     from autoplan.fingerprint import fingerprint_dataset
     from conftest import shared_dataset
@@ -44,6 +45,8 @@ def _real_dataset(name: str, tmp_path: Path):
         root = shared_dataset("hippocampus")
         dataset = import_dataset(name, root / "imagesTr", raw, masks_dir=root / "labelsTr", quiet=True,
                                  label_map="1=anterior,2=posterior", n_jobs=2)
+    elif imported is not None:
+        dataset = imported
     else:
         root = shared_dataset("ham10000")
         dataset = import_dataset(name, root / "images", raw, labels_csv=root / "HAM10000_metadata.csv",
@@ -55,8 +58,10 @@ def _real_dataset(name: str, tmp_path: Path):
 @pytest.mark.realdata
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["TaskXRay", "TaskHippocampus", "TaskDerm"])
-def test_gpu_plans_of_shared_datasets_are_unchanged(name, tmp_path):
-    dataset, fingerprint = _real_dataset(name, tmp_path)
+def test_gpu_plans_of_shared_datasets_are_unchanged(name, tmp_path, request):
+    # HAM10000 is the session's import (shared with the import-time test), not a second one
+    imported = request.getfixturevalue("ham10000_imported")["dataset"] if name == "TaskDerm" else None
+    dataset, fingerprint = _real_dataset(name, tmp_path, imported)
     expected = json.loads((GOLDEN / f"{name}.json").read_text())
     assert _as_json(gpu_plans(dataset, fingerprint)) == expected
 

@@ -15,16 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from autoplan import pipeline
-from autoplan.datasets import import_dataset
 from autoplan.inference import predict_folder
 from autoplan.io.images import ImageData
-from autoplan.paths import resolve_folders
 from autoplan.planning import Configuration
 from autoplan.preprocessing import preprocess_case, revert_to_original
 from autoplan.robustness import NOISE_SIGMA, make_variants, variant_names
-from autoplan.runs import TrainOptions
-from tests.conftest import jsrt_subset
 
 
 def _phantom(size=224):
@@ -108,20 +103,13 @@ def _dice(prediction, reference, label):
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_jsrt_model_keeps_its_dice_on_images_from_other_sources(tmp_path):
-    """40 JSRT images, 90 s of training; 4 validation images in every variant.
+def test_jsrt_model_keeps_its_dice_on_images_from_other_sources(jsrt_trained, tmp_path):
+    """The session's 40-image, 90-second JSRT run; 4 validation images in every variant.
 
     The regression of issue 23: upscaled radiographs were segmented at 4-9x the learnt
     scale (lung Dice ~0.3). With the field-of-view normalisation they score as the original.
     """
-    images, masks = jsrt_subset(tmp_path, 40)
-    folders = resolve_folders(tmp_path / "raw", tmp_path / "pre", tmp_path / "results")
-    dataset = import_dataset("TaskXRay", images, folders.raw, masks_dir=masks,
-                             label_map="150=lung,200=lung,250=heart", quiet=True)
-    pipeline.plan(dataset, folders, time_budget_minutes=1.5)
-    runs = pipeline.train(dataset, folders, TrainOptions(time_budget_minutes=1.5, device="cpu",
-                                                         optimizer="adam", augment="default"))
-    run_dir = Path(runs[0].run_dir)
+    dataset, folders, run_dir = jsrt_trained["dataset"], jsrt_trained["folders"], jsrt_trained["run_dir"]
     splits = json.loads((folders.results / "TaskXRay" / "splits.json").read_text())
     dice = {}
     for name in variant_names():

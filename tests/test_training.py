@@ -19,7 +19,7 @@ from autoplan.nets import resolve_precision
 from autoplan.demo import write_demo_sources
 from autoplan.paths import resolve_folders
 from autoplan.runs import RunSpec, TrainOptions
-from tests.conftest import jsrt_subset, shared_dataset
+from tests.conftest import shared_dataset
 
 TINY = dict(epochs=2, iterations_per_epoch=3, n_workers=0, device="cpu")
 
@@ -191,6 +191,24 @@ def test_classification_runs_through_the_same_loop(demo):
 
 
 @pytest.mark.slow
+def test_curves_are_redrawn_by_the_clock_not_every_epoch(demo, monkeypatch):
+    """Drawing curves.png costs ~0.4 s: a short run draws it once (in its report), and only a
+    run past CURVES_EVERY_SECONDS redraws it between epochs."""
+    import autoplan.report
+    import autoplan.training
+
+    drawn = []
+    draw = autoplan.report.plot_learning_curves
+    monkeypatch.setattr(autoplan.report, "plot_learning_curves", lambda *a: drawn.append(a) or draw(*a))
+    run_dir, _ = train(demo, "derm", epochs=3, iterations_per_epoch=2, run_name="curves-by-clock")
+    assert drawn == [], drawn                                      # the report draws its own
+    assert (run_dir / "curves.png").is_file()
+    monkeypatch.setattr(autoplan.training, "CURVES_EVERY_SECONDS", 0.0)
+    train(demo, "derm", epochs=3, iterations_per_epoch=2, run_name="curves-every-epoch")
+    assert len(drawn) == 3, drawn
+
+
+@pytest.mark.slow
 def test_precision_option_overrides_the_plan_and_names_the_run(demo):
     run_dir, run = train(demo, "derm", epochs=1, iterations_per_epoch=2, precision="fp32")
     assert run_dir.parent.name.endswith("-fp32") and run.precision == "fp32"
@@ -231,19 +249,11 @@ def test_torchrun_two_gloo_processes_stay_in_sync(demo):
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_jsrt_training_lowers_the_loss_and_segments_the_lungs(tmp_path):
-    """40 real chest X-rays, a short CPU run: the loss falls and lung Dice exceeds 0.8."""
-    images, masks = jsrt_subset(tmp_path, 40)
-    folders = resolve_folders(tmp_path / "raw", tmp_path / "pre", tmp_path / "results")
-    # both lungs as one label (the dataset's binary lung mask {150, 200}), and the heart
-    dataset = import_dataset("TaskXRay", images, folders.raw, masks_dir=masks,
-                             label_map="150=lung,200=lung,250=heart", quiet=True)
-    assert dataset.labels == {"background": 0, "lung": 1, "heart": 2}
-    pipeline.plan(dataset, folders, time_budget_minutes=1.5)
-    # 90 seconds of CPU: Adam and light augmentation converge faster than the nnU-Net defaults
-    options = TrainOptions(time_budget_minutes=1.5, device="cpu", optimizer="adam", augment="light")
-    runs = pipeline.train(dataset, folders, options)
-    run_dir = Path(runs[0].run_dir)
+def test_jsrt_training_lowers_the_loss_and_segments_the_lungs(jsrt_trained):
+    """40 real chest X-rays, 90 s of CPU (the session's shared run): the loss falls and lung
+    Dice exceeds 0.8."""
+    assert jsrt_trained["dataset"].labels == {"background": 0, "lung": 1, "heart": 2}
+    run_dir = jsrt_trained["run_dir"]
     losses = [float(r["train_loss"]) for r in read_log(run_dir)]
     assert losses[-1] < losses[0]
     metrics = json.loads((run_dir / "metrics.json").read_text())
