@@ -129,6 +129,8 @@ def train(dataset: Dataset, plan: Plan, options: TrainOptions, folders: Folders)
 
         configuration, previous_stage = previous_stage_inputs(dataset, configuration, folders.results, splits)
     refuse_earlier_runs(dataset, configuration, options, folders, folds)
+    if unused := unused_imbalance_option(configuration, options):
+        print(unused)
     plan = replace(plan, configurations={**plan.configurations, configuration_name: configuration})
     preprocessed_dir = preprocess_dataset(dataset, plan, configuration_name, folders.preprocessed,
                                           n_jobs=options.n_jobs, previous_stage=previous_stage)
@@ -136,6 +138,19 @@ def train(dataset: Dataset, plan: Plan, options: TrainOptions, folders: Folders)
         distributed.barrier()
     return [train_fold(dataset, configuration, options, folders, preprocessed_dir, splits[fold], fold)
             for fold in folds]
+
+
+def unused_imbalance_option(configuration: Configuration, options: TrainOptions) -> str | None:
+    """The note that ``--imbalance`` changes nothing here (a segmentation configuration, or
+    classes too balanced for any handling), so that a user does not compare two equal runs."""
+    if not options.imbalance:
+        return None
+    if not configuration.is_classifier:
+        return f"note: --imbalance {options.imbalance} applies to classifiers only; {configuration.name} ignores it"
+    if (configuration.imbalance or {}).get("strategy", "none") == "none":
+        return (f"note: --imbalance {options.imbalance} changes nothing: "
+                f"{(configuration.imbalance or {}).get('reason', 'the plan handles no imbalance')}")
+    return None
 
 
 def folds_to_train(fold: str, n_folds: int) -> list:

@@ -256,6 +256,24 @@ def test_train_imbalance_option_switches_the_planned_strategy():
         effective_configuration(older, TrainOptions(imbalance="logit_adjusted"))
 
 
+def test_an_imbalance_option_that_changes_nothing_says_so():
+    from dataclasses import replace
+    from autoplan.planning.classification import imbalance_handling
+    from autoplan.runs import TrainOptions
+    from autoplan.training import unused_imbalance_option
+
+    config = plan_dataset("TaskDerm", ham_fingerprint(), device="cpu", time_budget_minutes=30,
+                          probe=False).configurations["classifier"]
+    option = TrainOptions(imbalance="logit_adjusted")
+    assert unused_imbalance_option(config, option) is None          # HAM10000: 60:1, handled
+    assert unused_imbalance_option(config, TrainOptions()) is None
+    balanced = replace(config, imbalance=imbalance_handling(["a", "b"], {"a": 30, "b": 20}))
+    assert "changes nothing: largest/smallest class = 1.5 <= 3" in unused_imbalance_option(balanced, option)
+    segmentation = plan_dataset("TaskXRay", jsrt_fingerprint(), device="cpu", time_budget_minutes=10,
+                                probe=False).configurations["2d"]
+    assert "classifiers only" in unused_imbalance_option(segmentation, option)
+
+
 def test_cpu_classifier_with_budget_is_resnet18():
     plan = plan_dataset("TaskDerm", ham_fingerprint(), device="cpu", time_budget_minutes=30, probe=False)
     config = plan.configurations["classifier"]
