@@ -79,7 +79,7 @@ def jsrt_trained(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def ham10000_imported(tmp_path_factory) -> dict:
-    """The full shared HAM10000 imported once per session (about 25 s), with its import time:
+    """The full shared HAM10000 imported once per session (25-45 s on 2 cores), with its import time:
     the import-time test checks that time, the golden-plan test plans the dataset."""
     import time
 
