@@ -78,6 +78,19 @@ def run_name(options: TrainOptions, configuration: Configuration, norm: str) -> 
     return "-".join(str(p) for p in parts)
 
 
+def unused_imbalance_option(configuration: Configuration, options: TrainOptions) -> str | None:
+    """The note that ``--imbalance`` changes nothing here (a segmentation configuration, or
+    classes too balanced for any handling), so that a user does not compare two equal runs."""
+    if not options.imbalance:
+        return None
+    if not configuration.is_classifier:
+        return f"note: --imbalance {options.imbalance} applies to classifiers only; {configuration.name} ignores it"
+    if (configuration.imbalance or {}).get("strategy", "none") == "none":
+        return (f"note: --imbalance {options.imbalance} changes nothing: "
+                f"{(configuration.imbalance or {}).get('reason', 'the plan handles no imbalance')}")
+    return None
+
+
 @dataclass
 class RunSpec(JsonDataclass):
     """plan.json of a run folder: the configuration actually trained and how."""

@@ -33,7 +33,7 @@ from autoplan.planning.schedule import epochs_fill_budget, final_validation_seco
 from autoplan.planning.topology import MAX_FEATURES
 from autoplan.qc import qc_reference
 from autoplan.recipe import TrainStep, build_optimizer
-from autoplan.runs import RunSpec, TrainOptions, load_checkpoint, run_name
+from autoplan.runs import RunSpec, TrainOptions, load_checkpoint, run_name, unused_imbalance_option
 from autoplan.splits import load_or_create_splits
 from autoplan.tasks import make_task
 
@@ -138,19 +138,6 @@ def train(dataset: Dataset, plan: Plan, options: TrainOptions, folders: Folders)
         distributed.barrier()
     return [train_fold(dataset, configuration, options, folders, preprocessed_dir, splits[fold], fold)
             for fold in folds]
-
-
-def unused_imbalance_option(configuration: Configuration, options: TrainOptions) -> str | None:
-    """The note that ``--imbalance`` changes nothing here (a segmentation configuration, or
-    classes too balanced for any handling), so that a user does not compare two equal runs."""
-    if not options.imbalance:
-        return None
-    if not configuration.is_classifier:
-        return f"note: --imbalance {options.imbalance} applies to classifiers only; {configuration.name} ignores it"
-    if (configuration.imbalance or {}).get("strategy", "none") == "none":
-        return (f"note: --imbalance {options.imbalance} changes nothing: "
-                f"{(configuration.imbalance or {}).get('reason', 'the plan handles no imbalance')}")
-    return None
 
 
 def folds_to_train(fold: str, n_folds: int) -> list:

@@ -259,8 +259,7 @@ def test_train_imbalance_option_switches_the_planned_strategy():
 def test_an_imbalance_option_that_changes_nothing_says_so():
     from dataclasses import replace
     from autoplan.planning.classification import imbalance_handling
-    from autoplan.runs import TrainOptions
-    from autoplan.training import unused_imbalance_option
+    from autoplan.runs import TrainOptions, unused_imbalance_option
 
     config = plan_dataset("TaskDerm", ham_fingerprint(), device="cpu", time_budget_minutes=30,
                           probe=False).configurations["classifier"]
