@@ -12,7 +12,7 @@ import torch
 
 from autoplan.errors import InputError
 from autoplan.jsonio import JsonDataclass
-from autoplan.artifacts import Configuration
+from autoplan.artifacts import Configuration, leaning_factors
 
 
 @dataclass
@@ -85,9 +85,9 @@ def unused_imbalance_option(configuration: Configuration, options: TrainOptions)
         return None
     if not configuration.is_classifier:
         return f"note: --imbalance {options.imbalance} applies to classifiers only; {configuration.name} ignores it"
-    if (configuration.imbalance or {}).get("strategy", "none") == "none":
-        return (f"note: --imbalance {options.imbalance} changes nothing: "
-                f"{(configuration.imbalance or {}).get('reason', 'the plan handles no imbalance')}")
+    if leaning_factors(configuration.imbalance) is None:     # the plan leans by no class (ratio <= 3)
+        reason = (configuration.imbalance or {}).get("reason", "the plan handles no imbalance")
+        return f"note: --imbalance {options.imbalance} changes nothing: {reason}"
     return None
 
 
