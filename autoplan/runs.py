@@ -1,8 +1,8 @@
 """What a run folder holds, and how to rebuild its network: shared by training and inference.
 
 Run folder: ``RESULTS/NAME/CFG/RUN_NAME/fold_K/`` with ``plan.json`` (a :class:`RunSpec`),
-``checkpoint_best.pt``, ``checkpoint_final.pt``, ``checkpoint_latest.pt`` (resume),
-``log.csv``, ``curves.png``, ``metrics.json``, ``report.html``.
+``checkpoint_best.pt`` (weights), ``checkpoint_latest.pt`` (the whole training state, while
+training runs), ``checkpoint_final.pt`` (the whole state at the end; replaces latest), ``log.csv``, ``curves.png``, ``metrics.json``, ``report.html``.
 """
 
 from dataclasses import dataclass, field
@@ -128,6 +128,15 @@ def best_checkpoint(fold_dir) -> Path:
         if (Path(fold_dir) / name).is_file():
             return Path(fold_dir) / name
     raise InputError(fold_dir, "no checkpoint_best.pt or checkpoint_final.pt (training not finished)")
+
+
+def resume_checkpoint(fold_dir) -> Path | None:
+    """The checkpoint --resume continues from: the latest epoch's while training runs, the
+    final one once it has ended (resuming a finished fold redoes only its final validation)."""
+    for name in ("checkpoint_latest.pt", "checkpoint_final.pt"):
+        if (Path(fold_dir) / name).is_file():
+            return Path(fold_dir) / name
+    return None
 
 
 def _numpy_array_globals() -> list:

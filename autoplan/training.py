@@ -33,7 +33,8 @@ from autoplan.planning.schedule import epochs_fill_budget, final_validation_seco
 from autoplan.planning.topology import MAX_FEATURES
 from autoplan.qc import qc_reference
 from autoplan.recipe import TrainStep, build_optimizer
-from autoplan.runs import RunSpec, TrainOptions, load_checkpoint, run_name, unused_imbalance_option
+from autoplan.runs import (RunSpec, TrainOptions, load_checkpoint, resume_checkpoint, run_name,
+                          unused_imbalance_option)
 from autoplan.splits import load_or_create_splits
 from autoplan.tasks import make_task
 
@@ -377,8 +378,8 @@ class TrainingLoop:
         self._print_epoch(train_loss, val_loss, metric)
         if self.ema > self.best_ema:
             self.best_ema, self.best_epoch = self.ema, self.epoch
-            self._save_checkpoint("checkpoint_best.pt")
-        self._save_checkpoint("checkpoint_latest.pt")   # after best: resume never loses a best
+            self._save_checkpoint("checkpoint_best.pt", self._weights())
+        self._save_checkpoint("checkpoint_latest.pt", self._state())   # after best: resume never loses a best
         if time.monotonic() - self._curves_drawn_at >= CURVES_EVERY_SECONDS:
             self._draw_curves()
 
@@ -423,16 +424,22 @@ class TrainingLoop:
                 "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(),
                         "python": random.getstate()}}
 
-    def _save_checkpoint(self, name: str):
+    def _weights(self) -> dict:
+        """What predicting and fine-tuning read: the weights and when they were best. Adam's
+        two moments would triple the file, and only resuming needs them."""
+        return {"model": distributed.unwrap(self.network).state_dict(), "epoch": self.epoch,
+                "best_ema": self.best_ema, "best_epoch": self.best_epoch}
+
+    def _save_checkpoint(self, name: str, state: dict):
         path = self.run_dir / name
         tmp = path.with_name(f".{name}.tmp")
-        torch.save(self._state(), tmp)
+        torch.save(state, tmp)
         os.replace(tmp, path)
 
     def _load_latest(self):
-        path = self.run_dir / "checkpoint_latest.pt"
-        if not path.is_file():
-            print(f"no {path.name} in {self.run_dir}: starting from scratch")
+        path = resume_checkpoint(self.run_dir)
+        if path is None:
+            print(f"no checkpoint_latest.pt or checkpoint_final.pt in {self.run_dir}: starting from scratch")
             self._write_log_header()
             return
         state = load_checkpoint(path, self.device)
@@ -452,8 +459,12 @@ class TrainingLoop:
         print(f"resuming {self.run_dir} after epoch {self.epoch}")
 
     def finish(self) -> dict:
-        """Final checkpoint, best weights back in, full validation, metrics.json and report."""
-        self._save_checkpoint("checkpoint_final.pt")
+        """Final checkpoint, best weights back in, full validation, metrics.json and report.
+
+        The final checkpoint keeps the whole training state, so it replaces checkpoint_latest.pt
+        (as nnU-Net does): a finished fold holds one full checkpoint, not two."""
+        self._save_checkpoint("checkpoint_final.pt", self._state())
+        (self.run_dir / "checkpoint_latest.pt").unlink(missing_ok=True)
         best = self.run_dir / "checkpoint_best.pt"
         if best.is_file():
             distributed.unwrap(self.network).load_state_dict(

@@ -120,6 +120,15 @@ def test_kill_minus_nine_then_resume_loses_at_most_one_epoch(demo):
     run = json.loads((run_dir / "run.json").read_text())
     assert run["epochs_completed"] == 6
     assert run["total_seconds"] >= run["train_seconds"]     # both count the crashed session too
+    # a finished fold keeps one full checkpoint (final) and the best weights alone
+    assert not (run_dir / "checkpoint_latest.pt").exists()
+    assert "optimizer" in torch.load(run_dir / "checkpoint_final.pt", weights_only=True)
+    assert set(torch.load(run_dir / "checkpoint_best.pt", weights_only=True)) == {
+        "model", "epoch", "best_ema", "best_epoch"}
+    again = _cli(*args, "--resume", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = again.communicate(timeout=300)[0]
+    assert again.returncode == 0 and f"resuming {run_dir} after epoch 6" in output, output
+    assert [int(r["epoch"]) for r in read_log(run_dir)] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.slow
