@@ -57,8 +57,8 @@ def run_name(options: TrainOptions, configuration: Configuration, norm: str) -> 
     parts += [f"do{options.dropout:g}", configuration.augment]
     if options.label_smoothing:
         parts.append(f"ls{options.label_smoothing:g}")
-    if options.imbalance:
-        parts.append(options.imbalance)
+    if options.imbalance and unused_imbalance_option(configuration, options) is None:
+        parts.append(options.imbalance)   # only where it changes the run: equal runs, one name
     if options.optimizer:
         parts.append(configuration.optimizer)
     if options.lr is not None:

@@ -259,7 +259,7 @@ def test_train_imbalance_option_switches_the_planned_strategy():
 def test_an_imbalance_option_that_changes_nothing_says_so():
     from dataclasses import replace
     from autoplan.planning.classification import imbalance_handling
-    from autoplan.runs import TrainOptions, unused_imbalance_option
+    from autoplan.runs import TrainOptions, run_name, unused_imbalance_option
 
     config = plan_dataset("TaskDerm", ham_fingerprint(), device="cpu", time_budget_minutes=30,
                           probe=False).configurations["classifier"]
@@ -271,6 +271,10 @@ def test_an_imbalance_option_that_changes_nothing_says_so():
     segmentation = plan_dataset("TaskXRay", jsrt_fingerprint(), device="cpu", time_budget_minutes=10,
                                 probe=False).configurations["2d"]
     assert "classifiers only" in unused_imbalance_option(segmentation, option)
+    # the automatic run name carries the option only where it changes the run
+    assert run_name(option, config, "instance").endswith("-logit_adjusted")
+    assert run_name(option, balanced, "instance") == run_name(TrainOptions(), balanced, "instance")
+    assert run_name(option, segmentation, "instance") == run_name(TrainOptions(), segmentation, "instance")
 
 
 def test_cpu_classifier_with_budget_is_resnet18():
