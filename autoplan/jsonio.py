@@ -35,6 +35,10 @@ def atomic_write_bytes(path, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        # a failed write (a full disk) names no file; the user needs to know which one
+        raise OSError(error.errno, error.strerror, str(path)) from error
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

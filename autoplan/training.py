@@ -6,6 +6,7 @@ budget runs out even if the machine is slower than the planner expected.
 """
 
 import csv
+import errno
 import math
 import os
 import random
@@ -433,7 +434,13 @@ class TrainingLoop:
     def _save_checkpoint(self, name: str, state: dict):
         path = self.run_dir / name
         tmp = path.with_name(f".{name}.tmp")
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as error:     # what torch.save raises on a full disk, naming no file
+            tmp.unlink(missing_ok=True)
+            free_mb = shutil.disk_usage(self.run_dir).free / 1e6
+            raise OSError(errno.ENOSPC if free_mb < 1000 else errno.EIO,
+                          f"could not write a checkpoint, {free_mb:.0f} MB free ({error})", str(path)) from error
         os.replace(tmp, path)
 
     def _load_latest(self):

@@ -27,8 +27,9 @@ def test_a_failed_text_write_leaves_the_previous_file_and_no_temporary(tmp_path,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(jsonio.os, failing, fail)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OSError, match="No space") as raised:
         atomic_write_text(path, "new and longer content")
+    assert raised.value.filename == str(path)     # the CLI's one line names the file
     assert path.read_text() == "previous"
     assert _leftovers(tmp_path) == []
 

@@ -132,6 +132,27 @@ def test_kill_minus_nine_then_resume_loses_at_most_one_epoch(demo):
 
 
 @pytest.mark.slow
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_naming_it(demo, monkeypatch, capsys):
+    import autoplan.training
+    from autoplan import cli
+
+    def full_disk(state, path):
+        Path(path).write_bytes(b"PK\x03\x04 half a file")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(autoplan.training.torch, "save", full_disk)
+    folders = demo["folders"]
+    code = cli.main(["train", "DemoXRay", "--epochs", "2", "--iterations-per-epoch", "2", "--workers", "0",
+                     "--run-name", "full-disk", "--device", "cpu", "--raw", str(folders.raw),
+                     "--results", str(folders.results), "--preprocessed", str(folders.preprocessed)])
+    run_dir = folders.results / "DemoXRay" / "2d" / "full-disk" / "fold_0"
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(errors) == 1, errors
+    assert errors[0].startswith(f"error: {run_dir / 'checkpoint_best.pt'}: could not write a checkpoint")
+    assert not list(run_dir.glob("*.pt")) and not list(run_dir.glob(".*.tmp"))
+
+
+@pytest.mark.slow
 def test_time_budget_is_honoured(demo):
     started = time.monotonic()
     # fp32: bf16's first steps build oneDNN kernels (seconds), which leaves a 24 s budget one epoch
