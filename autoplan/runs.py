@@ -2,7 +2,8 @@
 
 Run folder: ``RESULTS/NAME/CFG/RUN_NAME/fold_K/`` with ``plan.json`` (a :class:`RunSpec`),
 ``checkpoint_best.pt`` (weights), ``checkpoint_latest.pt`` (the whole training state, while
-training runs), ``checkpoint_final.pt`` (the whole state at the end; replaces latest), ``log.csv``, ``curves.png``, ``metrics.json``, ``report.html``.
+training runs), ``checkpoint_final.pt`` (the whole state at the end; replaces latest),
+``log.csv``, ``curves.png``, ``metrics.json``, ``report.html``.
 """
 
 from dataclasses import dataclass, field
