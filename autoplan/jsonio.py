@@ -6,9 +6,11 @@ leaves a truncated file that a later run would trust.
 """
 
 import dataclasses
+import errno
 import json
 import math
 import os
+import shutil
 import tempfile
 import types
 import typing
@@ -24,24 +26,34 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
+def atomic_write_with(path, write, suffix: str = ".tmp") -> None:
+    """``write(temporary path)``, then rename to ``path``: a failure leaves the previous file
+    and no temporary. A failed write (a full disk) names no file, so the error is raised
+    again naming ``path``: the CLI's one line must say which file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write(tmp)
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except OSError as error:
         Path(tmp).unlink(missing_ok=True)
-        # a failed write (a full disk) names no file; the user needs to know which one
         raise OSError(error.errno, error.strerror, str(path)) from error
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    atomic_write_with(path, write)
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -50,17 +62,22 @@ def atomic_write_text(path, text: str) -> None:
 
 def atomic_save_npy(path, array: np.ndarray) -> None:
     """np.save through a temporary file (np.save appends .npy to names without it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
-    os.close(fd)
-    try:
-        np.save(tmp, array)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_with(path, lambda tmp: np.save(tmp, array), suffix=".npy")
+
+
+def atomic_torch_save(path, state: dict) -> None:
+    """torch.save through a temporary file. Not through memory and atomic_write_bytes: its
+    fsync and copy cost 0.15-0.4 s per 134 MB checkpoint, which is written every epoch."""
+    import torch
+
+    def write(tmp):
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as error:     # what torch.save raises on a full disk, with no errno
+            free_mb = shutil.disk_usage(Path(tmp).parent).free / 1e6
+            raise OSError(errno.EIO, f"could not write a checkpoint, {free_mb:.0f} MB free ({error})") from error
+
+    atomic_write_with(path, write)
 
 
 def to_jsonable(value):

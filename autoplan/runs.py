@@ -124,20 +124,21 @@ def build_network(spec: RunSpec, deep_supervision: bool = False) -> torch.nn.Mod
                                     deep_supervision=deep_supervision)
 
 
+def _first_file(fold_dir, names) -> Path | None:
+    return next((Path(fold_dir) / name for name in names if (Path(fold_dir) / name).is_file()), None)
+
+
 def best_checkpoint(fold_dir) -> Path:
-    for name in ("checkpoint_best.pt", "checkpoint_final.pt"):
-        if (Path(fold_dir) / name).is_file():
-            return Path(fold_dir) / name
-    raise InputError(fold_dir, "no checkpoint_best.pt or checkpoint_final.pt (training not finished)")
+    path = _first_file(fold_dir, ("checkpoint_best.pt", "checkpoint_final.pt"))
+    if path is None:
+        raise InputError(fold_dir, "no checkpoint_best.pt or checkpoint_final.pt (training not finished)")
+    return path
 
 
 def resume_checkpoint(fold_dir) -> Path | None:
     """The checkpoint --resume continues from: the latest epoch's while training runs, the
     final one once it has ended (resuming a finished fold redoes only its final validation)."""
-    for name in ("checkpoint_latest.pt", "checkpoint_final.pt"):
-        if (Path(fold_dir) / name).is_file():
-            return Path(fold_dir) / name
-    return None
+    return _first_file(fold_dir, ("checkpoint_latest.pt", "checkpoint_final.pt"))
 
 
 def _numpy_array_globals() -> list:

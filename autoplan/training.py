@@ -6,7 +6,6 @@ budget runs out even if the machine is slower than the planner expected.
 """
 
 import csv
-import errno
 import math
 import os
 import random
@@ -24,7 +23,7 @@ from autoplan.datasets import Dataset
 from autoplan.errors import InputError
 from autoplan.evaluation import headline_metrics
 from autoplan.fingerprint import Fingerprint
-from autoplan.jsonio import JsonDataclass, atomic_write_text, to_jsonable
+from autoplan.jsonio import JsonDataclass, atomic_torch_save, atomic_write_text, to_jsonable
 from autoplan.parallel import progress_enabled
 from autoplan.paths import Folders
 from autoplan.nets import autocast, memory_format, resolve_precision
@@ -432,16 +431,7 @@ class TrainingLoop:
                 "best_ema": self.best_ema, "best_epoch": self.best_epoch}
 
     def _save_checkpoint(self, name: str, state: dict):
-        path = self.run_dir / name
-        tmp = path.with_name(f".{name}.tmp")
-        try:
-            torch.save(state, tmp)
-        except RuntimeError as error:     # what torch.save raises on a full disk, naming no file
-            tmp.unlink(missing_ok=True)
-            free_mb = shutil.disk_usage(self.run_dir).free / 1e6
-            raise OSError(errno.ENOSPC if free_mb < 1000 else errno.EIO,
-                          f"could not write a checkpoint, {free_mb:.0f} MB free ({error})", str(path)) from error
-        os.replace(tmp, path)
+        atomic_torch_save(self.run_dir / name, state)
 
     def _load_latest(self):
         path = resume_checkpoint(self.run_dir)

@@ -21,9 +21,7 @@ includes those files, so another previous-stage run redoes the cache.
 import functools
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +30,7 @@ from autoplan.io import read_case_images, read_case_labels
 from dataclasses import replace
 
 from autoplan.errors import InputError
-from autoplan.jsonio import read_json, to_jsonable
+from autoplan.jsonio import atomic_write_with, read_json, to_jsonable
 from autoplan.parallel import parallel_map
 from autoplan.preprocessing.case import field_of_view, preprocess_case
 from autoplan.preprocessing.resampling import coarse_axis, resample_labels
@@ -118,16 +116,10 @@ def _atomic_save_blosc2(path: Path, array: np.ndarray, patch_size) -> None:
     import blosc2
 
     chunks, blocks = storage_layout(array.shape, array.itemsize, patch_size)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=IMAGE_SUFFIX)
-    os.close(fd)
-    try:
-        blosc2.asarray(np.ascontiguousarray(array), urlpath=tmp, mode="w", chunks=chunks, blocks=blocks,
-                       cparams={"codec": blosc2.Codec.ZSTD, "clevel": CODEC_LEVEL, "nthreads": 1,
-                                "filters": [blosc2.Filter.SHUFFLE], "filters_meta": [0]})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_with(path, lambda tmp: blosc2.asarray(
+        np.ascontiguousarray(array), urlpath=tmp, mode="w", chunks=chunks, blocks=blocks,
+        cparams={"codec": blosc2.Codec.ZSTD, "clevel": CODEC_LEVEL, "nthreads": 1,
+                 "filters": [blosc2.Filter.SHUFFLE], "filters_meta": [0]}), suffix=IMAGE_SUFFIX)
 
 
 def save_case_arrays(out_dir, case_id, data, seg, patch_size) -> None:
@@ -181,17 +173,9 @@ def _stored_stamp(path):
 def save_label_map(path, labels) -> None:
     """A label map (original grid) as a compressed ``.npz``, written atomically: the previous
     stage's out-of-fold predictions a cascade trains on."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(labels)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, labels=labels.astype(mask_dtype(labels), copy=False))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    stored = labels.astype(mask_dtype(labels), copy=False)
+    atomic_write_with(path, lambda tmp: np.savez_compressed(tmp, labels=stored), suffix=".npz")
 
 
 def load_label_map(path) -> np.ndarray:
