@@ -98,8 +98,7 @@ def _add_train_options(parser):
     _add_model_options(parser)
     _add_run_options(parser)
     parser.add_argument("--run-name", default=None, help="folder name of the run (default: built from the options)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from checkpoint_latest.pt (a finished fold: checkpoint_final.pt)")
+    parser.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt or _final.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run of the same name")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                         help="autocast precision (default: the plan's; fp16 needs CUDA, bf16 on CPU "
